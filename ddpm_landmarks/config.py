@@ -112,7 +112,9 @@ class DecoderConfig:
 
 @dataclass
 class EvalConfig:
-    sdr_thresholds: list[float] = field(default_factory=lambda: [2.0, 2.5, 3.0, 4.0])
+    # SDR radii in the dataset's unit; None = the dataset's usual ones (head 2/2.5/3/4 mm,
+    # hand 2/4/10 mm, ...).
+    sdr_thresholds: Optional[list[float]] = None
     sdr_inclusive: bool = True          # error <= threshold counts as detected (the field's habit)
 
 
@@ -153,6 +155,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:            # Optional[X]: X's own, more precise, error
+            return _convert(value, options[0], key)
         for arg in args:
             if arg is type(None):
                 continue

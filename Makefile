@@ -1,0 +1,28 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RUNS   ?= runs
+
+.PHONY: install demo test clean
+
+# pip resolves torch/torchvision from the registry (CUDA builds, which also run on CPU).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/ddpm-landmarks data inspect configs/synthetic.yaml
+	$(BIN)/ddpm-landmarks data preview configs/synthetic.yaml --out $(RUNS)/demo/preview.png
+	$(BIN)/ddpm-landmarks mean-shape configs/synthetic.yaml run.output_dir=$(RUNS) run.name=demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(RUNS) .pytest_cache

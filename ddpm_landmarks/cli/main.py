@@ -1,0 +1,34 @@
+"""The `ddpm-landmarks` command. Each sub-command lives in its own module with `add_parser`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ddpm_landmarks.cli import data_commands, mean_shape_command
+from ddpm_landmarks.config import ConfigError
+from ddpm_landmarks.data.sample import DataError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddpm-landmarks",
+        description="Few-shot anatomical landmark detection in x-rays with diffusion pretraining.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    data_commands.add_parser(subparsers)
+    mean_shape_command.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DataError) as err:
+        # Bad input is the user's to fix: one clear line, no traceback.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

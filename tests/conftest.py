@@ -1,0 +1,21 @@
+"""Shared fixtures. Real data is found through DDPM_LANDMARKS_DATA (default ../shared/data)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_path() -> Path:
+    return Path(os.environ.get("DDPM_LANDMARKS_DATA", PROJECT_ROOT.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_path()
+    if not path.is_dir():
+        pytest.skip(f"shared data not found at {path} (set DDPM_LANDMARKS_DATA to the data folder)")
+    return path
