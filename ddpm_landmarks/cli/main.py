@@ -21,7 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_intermixed_args(argv)
+    # Overrides may come before or after options (`preview cfg.yaml --out x.png data.image_size=64`):
+    # argparse leaves the ones after an option unparsed, so collect them here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DataError) as err:

@@ -170,9 +170,8 @@ def build_synthetic_dataset(cfg):
     root = Path(os.path.expandvars(os.path.expanduser(cfg.root))) if cfg.root else \
         default_cache_dir() / f"synthetic_{spec.key()}"
     generate(root, spec)
-    dataset = read_landmark_folder(root, name="synthetic", num_landmarks=spec.num_landmarks,
-                                   on_bad=cfg.on_bad_sample)
-    dataset.flip_permutation = flip_permutation(spec.num_landmarks)
-    dataset.landmark_names = [f"{'L' if k % 2 == 0 else 'R'}{k // 2}" for k in range(spec.num_landmarks)]
-    dataset.sdr_thresholds_mm = [1.0, 2.0, 4.0]
-    return dataset
+    k = spec.num_landmarks
+    return read_landmark_folder(
+        root, name="synthetic", num_landmarks=k, on_bad=cfg.on_bad_sample,
+        landmark_names=[f"{'L' if i % 2 == 0 else 'R'}{i // 2}" for i in range(k)],
+        flip_permutation=flip_permutation(k), sdr_thresholds_mm=(1.0, 2.0, 4.0))

@@ -157,8 +157,9 @@ def antialias_plan(image_wh: Sequence[int], matrix: np.ndarray) -> Optional[tupl
     return w, h
 
 
-def warp_image(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
-    """Warp a float32 (H, W) image to (size, size) with `matrix` (image grid -> output grid).
+def warp_image(image: np.ndarray, matrix: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Warp a float32 (H, W) image onto a size x size (or (w, h)) grid; `matrix` maps image
+    grid -> output grid; outside the image is 0.
 
     Large shrinks are area-resized first (cv2.resize INTER_AREA); that resize's exact matrix is
     folded out of the warp so the overall geometry is still exactly `matrix`.
@@ -172,7 +173,8 @@ def warp_image(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
         matrix = matrix @ np.linalg.inv(resize_matrix((w, h), plan, "stretch"))
     # Hand OpenCV the inverse we computed in float64 rather than letting it invert in place.
     inverse = np.linalg.inv(matrix)[:2]
-    return cv2.warpAffine(image, inverse, (size, size),
+    dsize = (size, size) if np.isscalar(size) else (int(size[0]), int(size[1]))
+    return cv2.warpAffine(image, inverse, dsize,
                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
 

@@ -1,0 +1,85 @@
+"""Turn predictions in original pixels into the field's numbers, files and overlay images.
+
+Every predictor (the trivial mean shape now, heatmap regressors later) ends here: it hands over
+predictions already mapped back to ORIGINAL pixels as floats, one (K, 2) array per image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ddpm_landmarks.config import EvalConfig
+from ddpm_landmarks.data.sample import LandmarkDataset, LandmarkSample, original_to_stored
+from ddpm_landmarks.evaluation import visualize
+from ddpm_landmarks.evaluation.metrics import (measurement_scale, radial_errors, summarize,
+                                               write_results)
+
+
+@dataclass
+class GroundTruth:
+    """What evaluation needs of a sample, without keeping its pixels in memory."""
+    id: str
+    landmarks: np.ndarray                 # (K, 2) original pixels
+    spacing_mm: Optional[tuple[float, float]]
+    original_size: tuple[int, int]
+
+    @classmethod
+    def of(cls, sample: LandmarkSample) -> "GroundTruth":
+        return cls(sample.id, sample.landmarks, sample.spacing_mm, sample.original_size)
+
+
+def sdr_thresholds(dataset: LandmarkDataset, cfg: EvalConfig) -> list[float]:
+    return list(cfg.sdr_thresholds) if cfg.sdr_thresholds is not None else dataset.sdr_thresholds_mm
+
+
+def evaluate_predictions(dataset: LandmarkDataset, truths: Sequence[GroundTruth],
+                         predictions: np.ndarray, cfg: EvalConfig,
+                         out_dir: Optional[Path] = None, extra: Optional[dict] = None) -> dict:
+    """Radial errors per image/landmark in the dataset's unit, summary, and result files."""
+    predictions = np.asarray(predictions, dtype=np.float64)
+    gt = np.stack([t.landmarks for t in truths])
+    scales, units = zip(*(measurement_scale(dataset, t) for t in truths))
+    errors = radial_errors(predictions, gt, np.asarray(scales))
+    summary = summarize(errors, sdr_thresholds(dataset, cfg), cfg.sdr_inclusive)
+    summary["unit"] = units[0]
+    if out_dir is not None:
+        write_results(out_dir, [t.id for t in truths], dataset.landmark_names, predictions, gt,
+                      errors, summary, units[0], extra=extra)
+    summary["errors"] = errors
+    return summary
+
+
+def format_summary(summary: dict, title: str = "") -> str:
+    """A small Markdown table: MRE +/- SD, median, SDR per threshold, misses."""
+    unit = summary["unit"]
+    thresholds = summary["thresholds"]
+    head = ["MRE", "SD", "median"] + [f"SDR {t:g}" for t in thresholds] + ["n", "missed"]
+    sdr = [f"{summary['sdr'][t]:.2f}%" for t in thresholds]
+    row = [f"{summary['mre']:.3f}", f"{summary['sd']:.3f}", f"{summary['median']:.3f}"] + sdr + \
+          [str(summary["n"]), str(summary["missed"])]
+    lines = [f"{title} (errors in {unit})" if title else f"errors in {unit}",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |"]
+    return "\n".join(lines)
+
+
+def write_overlays(dataset: LandmarkDataset, truths: Sequence[GroundTruth], predictions: np.ndarray,
+                   errors: np.ndarray, out_dir: Path, count: int = 3) -> list[Path]:
+    """Overlay PNGs (ground truth green, prediction red) of the best and worst images."""
+    per_image = np.array([np.nanmean(np.where(np.isinf(e), np.nan, e)) if np.isfinite(e).any()
+                          else np.inf for e in errors])
+    order = np.argsort(per_image)
+    chosen = [("best", i) for i in order[:count]] + [("worst", i) for i in order[::-1][:count]]
+    by_id = {r.id: k for k, r in enumerate(dataset.records)}
+    written = []
+    for rank, i in chosen:
+        sample = dataset[by_id[truths[i].id]]
+        scale = sample.stored_scale
+        # Drawn on the stored image: map both point sets from original to stored pixels.
+        title = f"{sample.id}  MRE {per_image[i]:.2f} {dataset.unit}"
+        image = visualize.overlay(sample.image, gt=original_to_stored(truths[i].landmarks, scale),
+                                  pred=original_to_stored(predictions[i], scale), title=title)
+        written.append(visualize.write_png(out_dir / f"{rank}_{sample.id}.png", image))
+    return written

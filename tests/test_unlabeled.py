@@ -1,0 +1,193 @@
+"""Unlabelled pretraining pools: discovery, weighted mixing, seeding, exclusions, audit list."""
+from __future__ import annotations
+
+import logging
+import sys
+import types
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from ddpm_landmarks.config import ConfigError, PoolConfig, UnlabeledConfig
+from ddpm_landmarks.data.sample import DataError, LandmarkDataset, Record
+from ddpm_landmarks.data.unlabeled import (
+    MixedPools, UnlabeledPool, build_pools, find_images, image_id, write_image_list)
+from test_dicom import write_dicom
+
+
+def png(path: Path, value: int = 100, dtype=np.uint8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), np.full((8, 10), value, dtype=dtype))
+    return path
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """Pool a: 3 images (8-bit, 16-bit nested, DICOM nested twice); pool b: 1 image."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    png(a / "001.png", 51)
+    png(a / "sub" / "002.PNG", 65535 // 5, np.uint16)
+    (a / "sub" / "deeper").mkdir(parents=True)
+    write_dicom(a / "sub" / "deeper" / "003.dcm", np.arange(80, dtype=np.uint16).reshape(8, 10))
+    (a / "notes.txt").write_text("not an image")
+    png(a / ".hidden" / "999.png")
+    png(b / "x" / "101.jpg", 200)
+    return a, b
+
+
+def test_find_images_recursive_sorted_case_insensitive(folders):
+    a, _ = folders
+    found = find_images(a)
+    assert [p.name for p in found] == ["001.png", "002.PNG", "003.dcm"]
+    assert found == sorted(found)
+
+
+def test_find_images_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="nowhere"):
+        find_images(tmp_path / "nowhere")
+
+
+def test_empty_or_missing_pool_is_an_error(tmp_path, folders):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(DataError, match="empty"):
+        build_pools(UnlabeledConfig(pools=[PoolConfig(path=str(tmp_path / "empty"))]))
+    with pytest.raises(DataError, match="missing"):
+        build_pools(UnlabeledConfig(pools=[PoolConfig(path=str(tmp_path / "missing"))]))
+    with pytest.raises(ConfigError):
+        build_pools(UnlabeledConfig(pools=[]))
+    with pytest.raises(ConfigError, match="weight"):
+        build_pools(UnlabeledConfig(pools=[PoolConfig(path=str(folders[0]), weight=0.0)]))
+
+
+def test_items_len_and_getitem(folders):
+    a, b = folders
+    pools = build_pools(UnlabeledConfig(pools=[PoolConfig(path=str(a), name="A"),
+                                               PoolConfig(path=str(b))]))
+    assert len(pools) == 4
+    assert [(name, p.name) for name, p in pools.items()] == [
+        ("A", "001.png"), ("A", "002.PNG"), ("A", "003.dcm"), ("b", "101.jpg")]
+    images = [pools[i] for i in range(len(pools))]
+    assert all(im.dtype == np.float32 and im.ndim == 2 for im in images)
+    assert images[0][0, 0] == pytest.approx(51 / 255)        # 8-bit
+    assert images[1][0, 0] == pytest.approx(0.2, abs=1e-4)    # 16-bit by its container range
+    assert images[2].min() == 0.0 and images[2].max() == 1.0  # DICOM
+    assert pools.report.found == 4 and pools.report.kept == 4
+
+
+def test_mixing_proportions_and_seed(folders):
+    a, b = folders
+    pools = build_pools(UnlabeledConfig(pools=[PoolConfig(path=str(a), weight=3.0),
+                                               PoolConfig(path=str(b), weight=1.0)]))
+    draws = pools.sampler(seed=7).draw(4000)
+    from_a = np.mean(draws < 3)                       # indices 0..2 are pool a
+    assert from_a == pytest.approx(0.75, abs=0.03)
+    # Uniform within pool a: each of its 3 images gets about a third of a's draws.
+    counts = np.bincount(draws, minlength=4)[:3] / (draws < 3).sum()
+    np.testing.assert_allclose(counts, 1 / 3, atol=0.04)
+    np.testing.assert_array_equal(draws, pools.sampler(seed=7).draw(4000))
+    assert not np.array_equal(draws, pools.sampler(seed=8).draw(4000))
+    stream = iter(pools.sampler(seed=7))
+    assert [next(stream) for _ in range(5)] == list(pools.sampler(seed=7).draw(1024)[:5])
+
+
+def test_exclusion_by_bare_id_and_id_file(folders, tmp_path, caplog):
+    a, b = folders
+    id_file = tmp_path / "lists" / "test_ids.txt"
+    id_file.parent.mkdir()
+    id_file.write_text("# test split\n\n003.dcm\n../b/x/101.jpg\n")
+    cfg = UnlabeledConfig(pools=[PoolConfig(path=str(a)), PoolConfig(path=str(b))],
+                          exclude=["001", str(id_file), "typo_id"])
+    with caplog.at_level(logging.WARNING, logger="ddpm_landmarks.data.unlabeled"):
+        with pytest.raises(DataError, match="all 1 images excluded"):
+            build_pools(cfg)
+    cfg.pools = [PoolConfig(path=str(a))]
+    with caplog.at_level(logging.WARNING, logger="ddpm_landmarks.data.unlabeled"):
+        pools = build_pools(cfg)
+    assert [p.name for p in pools.paths] == ["002.PNG"]
+    assert pools.report.per_rule == {"001": 1, str(id_file): 1, "typo_id": 0}
+    assert pools.report.excluded == 2
+    assert "typo_id" in caplog.text and "matched no" in caplog.text
+
+
+def test_missing_exclusion_file_is_an_error(folders, tmp_path):
+    cfg = UnlabeledConfig(pools=[PoolConfig(path=str(folders[0]))],
+                          exclude=[str(tmp_path / "no_such_list.txt")])
+    with pytest.raises(DataError, match="no_such_list"):
+        build_pools(cfg)
+
+
+def test_image_list_is_written_and_reads_back_as_exclusion(folders, tmp_path):
+    a, b = folders
+    cfg = UnlabeledConfig(pools=[PoolConfig(path=str(a)), PoolConfig(path=str(b))])
+    pools = build_pools(cfg)
+    out = write_image_list(pools.paths[:2], tmp_path / "run" / "pretrain_images.txt")
+    lines = [ln for ln in out.read_text().splitlines() if not ln.startswith("#")]
+    assert lines == [str(p) for p in pools.paths[:2]]
+    assert all(Path(ln).is_absolute() for ln in lines)
+    cfg.exclude = [str(out)]
+    again = build_pools(cfg)
+    assert [p.name for p in again.paths] == ["003.dcm", "101.jpg"]
+    assert again.report.per_rule == {str(out): 2}
+
+
+def test_duplicate_images_across_pools_kept_once(folders, caplog):
+    a, _ = folders
+    cfg = UnlabeledConfig(pools=[PoolConfig(path=str(a / "sub"), name="sub"),
+                                 PoolConfig(path=str(a), name="all")])
+    with caplog.at_level(logging.WARNING, logger="ddpm_landmarks.data.unlabeled"):
+        pools = build_pools(cfg)
+    assert [(n, p.name) for n, p in pools.items()] == [
+        ("sub", "002.PNG"), ("sub", "003.dcm"), ("all", "001.png")]
+    assert "already in an earlier pool" in caplog.text
+    cfg.pools.reverse()
+    with pytest.raises(DataError, match="'sub'.*already in earlier pools"):
+        build_pools(cfg)
+
+
+def test_image_id():
+    assert image_id("/x/151.png") == "151"
+    assert image_id("/x/1.2.840.5") == "1.2.840.5"
+    assert image_id("/x/scan.v2.dcm") == "scan.v2"
+
+
+def test_mixed_pools_direct_construction(tmp_path):
+    p = png(tmp_path / "1.png")
+    pools = MixedPools([UnlabeledPool("only", tmp_path, [p], 2.0)])
+    assert len(pools) == 1 and pools.path(0) == p
+    assert set(pools.sampler(0).draw(10).tolist()) == {0}
+
+
+def test_exclude_dataset_split_with_stub_registry(folders, monkeypatch):
+    """The dataset:split@root path, independent of the real registry's readers."""
+    a, _ = folders
+    seen = []
+
+    def build_dataset(cfg):
+        seen.append((cfg.dataset, cfg.root))
+        records = [Record("001", a / "001.png", np.zeros((1, 2)), split="train"),
+                   Record("003", a / "sub" / "deeper" / "003.dcm", np.zeros((1, 2)), split="test1")]
+        return LandmarkDataset(cfg.dataset, records, num_landmarks=1)
+
+    stub = types.ModuleType("ddpm_landmarks.data.registry")
+    stub.build_dataset = build_dataset
+    monkeypatch.setitem(sys.modules, "ddpm_landmarks.data.registry", stub)
+    pools = build_pools(UnlabeledConfig(pools=[PoolConfig(path=str(a))],
+                                        exclude=[f"toy:test1@{a}", "toy:train"]))
+    assert [p.name for p in pools.paths] == ["002.PNG"]
+    assert seen == [("toy", str(a)), ("toy", "")]
+    with pytest.raises(DataError, match="toy:nosuch"):
+        build_pools(UnlabeledConfig(pools=[PoolConfig(path=str(a))], exclude=["toy:nosuch"]))
+
+
+def test_exclude_isbi_test1_split(shared_data):
+    isbi = shared_data / "isbi2015"
+    cfg = UnlabeledConfig(pools=[PoolConfig(path=str(isbi / "images"))],
+                          exclude=[f"isbi2015:test1@{isbi}"])
+    pools = build_pools(cfg)
+    ids = {image_id(p) for p in pools.paths}
+    assert len(pools) == 150
+    assert not ids & {f"{i:03d}" for i in range(151, 301)}
+    assert ids == {f"{i:03d}" for i in range(1, 151)}
+    assert pools.report.per_rule == {f"isbi2015:test1@{isbi}": 150}
