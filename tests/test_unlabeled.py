@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import logging
-import sys
-import types
 from pathlib import Path
 
 import cv2
@@ -11,7 +9,7 @@ import numpy as np
 import pytest
 
 from ddpm_landmarks.config import ConfigError, PoolConfig, UnlabeledConfig
-from ddpm_landmarks.data.sample import DataError, LandmarkDataset, Record
+from ddpm_landmarks.data.sample import DataError
 from ddpm_landmarks.data.unlabeled import (
     MixedPools, UnlabeledPool, build_pools, find_images, image_id, write_image_list)
 from test_dicom import write_dicom
@@ -159,26 +157,22 @@ def test_mixed_pools_direct_construction(tmp_path):
     assert set(pools.sampler(0).draw(10).tolist()) == {0}
 
 
-def test_exclude_dataset_split_with_stub_registry(folders, monkeypatch):
-    """The dataset:split@root path, independent of the real registry's readers."""
-    a, _ = folders
-    seen = []
-
-    def build_dataset(cfg):
-        seen.append((cfg.dataset, cfg.root))
-        records = [Record("001", a / "001.png", np.zeros((1, 2)), split="train"),
-                   Record("003", a / "sub" / "deeper" / "003.dcm", np.zeros((1, 2)), split="test1")]
-        return LandmarkDataset(cfg.dataset, records, num_landmarks=1)
-
-    stub = types.ModuleType("ddpm_landmarks.data.registry")
-    stub.build_dataset = build_dataset
-    monkeypatch.setitem(sys.modules, "ddpm_landmarks.data.registry", stub)
-    pools = build_pools(UnlabeledConfig(pools=[PoolConfig(path=str(a))],
-                                        exclude=[f"toy:test1@{a}", "toy:train"]))
-    assert [p.name for p in pools.paths] == ["002.PNG"]
-    assert seen == [("toy", str(a)), ("toy", "")]
-    with pytest.raises(DataError, match="toy:nosuch"):
-        build_pools(UnlabeledConfig(pools=[PoolConfig(path=str(a))], exclude=["toy:nosuch"]))
+def test_exclude_dataset_split_through_the_registry(tmp_path):
+    """dataset:split@root resolves through the real registry (a generic dataset made here)."""
+    root = tmp_path / "labelled"
+    for name in ("001", "002", "003"):
+        png(root / "images" / f"{name}.png")
+    (root / "landmarks.csv").write_text(
+        "image,landmark_index,x,y\n001.png,0,1,1\n002.png,0,2,2\n003.png,0,3,3\n")
+    (root / "manifest.csv").write_text(
+        "image,split\n001.png,train\n002.png,test1\n003.png,test1\n")
+    pools = build_pools(UnlabeledConfig(pools=[PoolConfig(path=str(root / "images"))],
+                                        exclude=[f"generic:test1@{root}"]))
+    assert [p.name for p in pools.paths] == ["001.png"]
+    assert pools.report.per_rule == {f"generic:test1@{root}": 2}
+    with pytest.raises(DataError, match="generic:nosuch"):
+        build_pools(UnlabeledConfig(pools=[PoolConfig(path=str(root / "images"))],
+                                    exclude=[f"generic:nosuch@{root}"]))
 
 
 def test_exclude_isbi_test1_split(shared_data):

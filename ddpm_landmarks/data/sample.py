@@ -119,6 +119,11 @@ class LandmarkDataset:
             from ddpm_landmarks.data.image_io import read_image
             image_loader = read_image
         self._load = image_loader
+        # Filled by readers: problems skipped under on_bad="skip", images present without any
+        # landmarks (usable for pretraining), annotated ids whose image is absent.
+        self.skipped: list[str] = []
+        self.unlabeled: list = []
+        self.absent_ids: list[str] = []
         for r in self.records:
             check_landmarks(r.landmarks, num_landmarks, f"{name}/{r.id}")
 

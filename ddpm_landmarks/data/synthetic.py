@@ -23,6 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ddpm_landmarks.utils.paths import expand_path
+
 SPACING_MM = 0.5          # stated pixel spacing of the synthetic images (isotropic)
 FORMAT_VERSION = 1        # bump when the generator changes, so caches are regenerated
 
@@ -167,7 +169,7 @@ def build_synthetic_dataset(cfg):
     from ddpm_landmarks.data.generic import read_landmark_folder
 
     spec = spec_from_config(cfg)
-    root = Path(os.path.expandvars(os.path.expanduser(cfg.root))) if cfg.root else \
+    root = expand_path(cfg.root) if cfg.root else \
         default_cache_dir() / f"synthetic_{spec.key()}"
     generate(root, spec)
     k = spec.num_landmarks

@@ -35,6 +35,7 @@ from ddpm_landmarks.config import ConfigError, DataConfig, UnlabeledConfig
 from ddpm_landmarks.data.image_io import IMAGE_SUFFIXES, is_dicom, read_image
 from ddpm_landmarks.data.sample import DataError
 from ddpm_landmarks.utils.atomic import atomic_write_text
+from ddpm_landmarks.utils.paths import expand_path
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,8 @@ def parse_exclusion(entry: str) -> _Rule:
     entry = entry.strip()
     rule = _Rule(entry)
     split_match = _SPLIT_ENTRY.match(entry)
-    if split_match and not Path(entry).exists():
+    as_path = expand_path(entry)
+    if split_match and not as_path.exists():
         # Imported here: the registry imports every reader, pools need none of them otherwise.
         from ddpm_landmarks.data.registry import build_dataset
         dataset, split, root = split_match.group("dataset", "split", "root")
@@ -185,13 +187,13 @@ def parse_exclusion(entry: str) -> _Rule:
         except (DataError, ConfigError) as err:  # unknown dataset or split: say which entry
             raise type(err)(f"exclusion {entry!r}: {err}") from err
         rule.paths = {Path(r.image_path).resolve() for r in records}
-    elif Path(entry).is_file():
-        for line in Path(entry).read_text().splitlines():
+    elif as_path.is_file():
+        for line in as_path.read_text().splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             if "/" in line or "\\" in line:
-                rule.paths.add((Path(entry).parent / line).resolve())
+                rule.paths.add((as_path.parent / line).resolve())
             else:
                 rule.ids.add(image_id(line))
     elif "/" in entry or "\\" in entry or entry.endswith(".txt"):
@@ -233,7 +235,7 @@ def build_pools(cfg: UnlabeledConfig) -> MixedPools:
     for pool_cfg in cfg.pools:
         if not pool_cfg.path:
             raise ConfigError("unlabeled.pools: a pool has an empty path")
-        root = Path(pool_cfg.path).expanduser()
+        root = expand_path(pool_cfg.path)
         name = pool_cfg.name or root.resolve().name
         found = [p.resolve() for p in find_images(root)]
         if not found:
