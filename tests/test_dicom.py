@@ -177,3 +177,28 @@ def test_read_image_dispatches_dcm_and_extensionless(tmp_path):
     assert a.dtype == np.float32 and a.shape == (6, 8)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, read_dicom(with_suffix).image)
+
+
+def test_generic_dataset_of_dicoms_takes_spacing_from_the_header(tmp_path):
+    """A hospital export: DICOM images + landmarks.csv, no manifest. mm come from PixelSpacing
+    as (x, y) = (column, row) spacing, so an x offset is scaled by the column spacing."""
+    from ddpm_landmarks.config import EvalConfig
+    from ddpm_landmarks.data.generic import read_landmark_folder
+    from ddpm_landmarks.evaluation.evaluate import GroundTruth, evaluate_predictions
+
+    (tmp_path / "images").mkdir()
+    write_dicom(tmp_path / "images" / "a.dcm", ramp(), PixelSpacing=[0.2, 0.1])
+    write_dicom(tmp_path / "images" / "b.dcm", ramp(), ImagerPixelSpacing=[0.3, 0.3])
+    (tmp_path / "landmarks.csv").write_text(
+        "image,landmark_index,x,y\na.dcm,0,2,2\nb.dcm,0,3,3\n")
+    ds = read_landmark_folder(tmp_path, num_landmarks=1)
+    assert ds.unit == "mm"
+    assert [r.spacing_mm for r in ds.records] == [(0.1, 0.2), (0.3, 0.3)]
+    samples = list(ds)
+    assert samples[0].image.shape == (6, 8) and samples[0].original_size == (8, 6)
+    # Predictions 10 px to the right of the truth: 1.0 mm on a (x 0.1 mm), 3.0 mm on b.
+    preds = np.stack([s.landmarks + [10.0, 0.0] for s in samples])
+    summary = evaluate_predictions(ds, [GroundTruth.of(s) for s in samples], preds,
+                                   EvalConfig(sdr_thresholds=[1.0, 2.0]))
+    np.testing.assert_allclose(summary["errors"][:, 0], [1.0, 3.0])
+    assert summary["sdr"][1.0] == 50.0

@@ -72,6 +72,16 @@ def read_dicom(path: str | Path) -> DicomImage:
                       spacing_source=source, photometric=photometric)
 
 
+def read_dicom_spacing(path: str | Path) -> tuple[Optional[tuple[float, float]], str]:
+    """((x, y) mm per pixel, tag used) from the header only: cheap enough for dataset indexing."""
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception as err:
+        raise DataError(f"cannot parse DICOM file {path}: {err}") from None
+    return dicom_spacing(ds, str(path))
+
+
 def _parse(path: Path) -> pydicom.Dataset:
     if not path.is_file():
         raise DataError(f"DICOM file not found: {path}")

@@ -29,7 +29,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ddpm_landmarks.data.image_io import IMAGE_SUFFIXES, image_size
+from ddpm_landmarks.data.dicom import read_dicom_spacing
+from ddpm_landmarks.data.image_io import IMAGE_SUFFIXES, image_size, is_dicom
 from ddpm_landmarks.data.sample import (DataError, LandmarkDataset, Record, original_to_stored,
                                         stored_to_original)
 
@@ -314,7 +315,14 @@ def read_landmark_folder(root: str | Path, landmarks_file: str = "landmarks.csv"
             bad.report(image, str(err))
             continue
         ids[stem] = image
-        spacing = row.spacing_mm if row and row.has_spacing else default_spacing_mm
+        if row and row.has_spacing:
+            spacing = row.spacing_mm
+        elif is_dicom(path):
+            # DICOM carries its own spacing (PixelSpacing, else ImagerPixelSpacing): use it
+            # unless the manifest says otherwise.
+            spacing = read_dicom_spacing(path)[0] or default_spacing_mm
+        else:
+            spacing = default_spacing_mm
         records.append(Record(id=stem, image_path=path, landmarks=points, spacing_mm=spacing,
                               original_size=orig_size, split=row.split if row else "",
                               meta={"file": image}))
