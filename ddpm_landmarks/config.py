@@ -63,6 +63,8 @@ class PoolConfig:
 class UnlabeledConfig:
     """Image pools for self-supervised pretraining and what must never enter them."""
     pools: list[PoolConfig] = field(default_factory=list)
+    # Splits of data.dataset used as one more pool (e.g. [train] for the synthetic demo).
+    labelled_splits: list[str] = field(default_factory=list)
     # Excluded images: "dataset:split" (e.g. "isbi2015:test1"), a path to a text file of ids,
     # or a single image id / file stem.
     exclude: list[str] = field(default_factory=list)
