@@ -1,0 +1,345 @@
+"""The one training engine: DDPM pretraining now, SSL baselines and fine-tuning later.
+
+    trainer = Trainer(method, train_dataset, cfg.train, cfg.optim, run_dir, to_dict(cfg),
+                      log_with="wandb", init_trackers=..., log_images=...)
+    summary = trainer.fit()      # {"step", "epoch", "loss", "images_per_s"}
+
+Everything is counted in OPTIMISER steps (cfg.max_steps, log/image/checkpoint intervals, the
+LR schedule, the EMA); one optimiser step = grad_accum micro-batches on every process.
+Resuming restores weights, EMA, optimiser, schedule, RNG and the position in the data: the
+shuffle order of an epoch depends only on (seed, epoch), and the batches of the interrupted
+epoch that were already used are skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import resource
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from ddpm_landmarks.training.checkpoint import (read_trainer_state, resolve_resume,
+                                                save_checkpoint)
+from ddpm_landmarks.training.config import OptimConfig, TrainConfig
+from ddpm_landmarks.training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+ImageLogger = Callable[[Accelerator, dict, int], None]
+
+
+def _no_image_logging(accelerator: Accelerator, images: dict, step: int) -> None:
+    pass
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Order depends only on (seed, epoch): identical on every process and after a resume.
+
+    It has no `generator` attribute on purpose, so accelerate neither replaces nor re-seeds it.
+    """
+
+    def __init__(self, num_items: int, seed: int, shuffle: bool = True):
+        self.num_items, self.seed, self.shuffle, self.epoch = num_items, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.num_items))
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_items, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.num_items
+
+
+class _WorkerSeeder:
+    """worker_init_fn: numpy/random/torch seeds per (seed, epoch, process, worker)."""
+
+    def __init__(self, seed: int, process_index: int, sampler: EpochShuffleSampler):
+        self.seed, self.process_index, self.sampler = seed, process_index, sampler
+
+    def __call__(self, worker_id: int) -> None:
+        # Workers are forked at the start of each epoch, so sampler.epoch is the current one;
+        # without it every epoch would replay the same augmentation random streams.
+        s = self.seed + self.process_index * 1000 + worker_id + 1_000_003 * self.sampler.epoch
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.manual_seed(s)
+
+
+def config_hash(config_dict: dict) -> str:
+    """Short hash of the run config, ignoring train.resume (it changes on every resume)."""
+    data = dict(config_dict)
+    if isinstance(data.get("train"), dict):
+        data["train"] = {k: v for k, v in data["train"].items() if k != "resume"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Trainer:
+    def __init__(self, method, train_dataset: Dataset, cfg: TrainConfig, optim_cfg: OptimConfig,
+                 run_dir: Path, config_dict: dict, *, log_with=None,
+                 init_trackers: Optional[Callable[[Accelerator], None]] = None,
+                 log_images: Optional[ImageLogger] = None, shuffle: bool = True):
+        self.method, self.cfg, self.optim_cfg, self.run_dir = method, cfg, optim_cfg, Path(run_dir)
+        self.config_dict = config_dict
+        self.log_images_fn = log_images or _no_image_logging
+        self.history: list[dict] = []      # what was logged (main process), for tests / summaries
+
+        # ------------------------------------------------------------------ accelerator
+        # The scheduler is stepped by hand once per optimiser step; accelerate's default would
+        # step it num_processes times per optimiser step.
+        self.accelerator = acc = Accelerator(
+            gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+            log_with=log_with, project_dir=str(self.run_dir), step_scheduler_with_optimizer=False)
+        if init_trackers is not None:
+            init_trackers(acc)
+
+        # ------------------------------------------------------------------ model, optimiser
+        model = method.model
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            model.compile()                # in place: state_dict keys stay unprefixed
+        optimizer = build_optimizer(model, optim_cfg)
+        scheduler = build_scheduler(optimizer, optim_cfg, total_steps=cfg.max_steps)
+
+        # ------------------------------------------------------------------ data
+        self.sampler = EpochShuffleSampler(len(train_dataset), cfg.seed, shuffle=shuffle)
+        loader = DataLoader(
+            train_dataset, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
+            num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_WorkerSeeder(cfg.seed, acc.process_index, self.sampler),
+            # Own generator: creating a loader iterator then draws from it, not from the global
+            # RNG, so the extra iterator after a resume does not shift the global streams.
+            generator=torch.Generator().manual_seed(cfg.seed),
+            persistent_workers=False)
+
+        self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(
+            model, optimizer, loader, scheduler)
+        if len(self.loader) == 0:
+            raise ValueError(f"dataset of {len(train_dataset)} images gives no full batch of "
+                             f"{cfg.batch_size} per process on {acc.num_processes} processes")
+        if len(self.loader) % cfg.grad_accum:
+            log.warning("%d batches per epoch is not a multiple of grad_accum=%d: accelerate "
+                        "steps early at each epoch end", len(self.loader), cfg.grad_accum)
+
+        # ------------------------------------------------------------------ EMA
+        self.params = list(acc.unwrap_model(self.model).parameters())
+        self.ema = None
+        if cfg.ema:
+            self.ema = EMAModel(self.params, decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup)
+            acc.register_for_checkpointing(self.ema)
+
+        # ------------------------------------------------------------------ state
+        self.step = 0             # optimiser steps
+        self.micro_step = 0       # micro-batches on this process
+        self.epoch = 0
+        self.batches_in_epoch = 0  # micro-batches of self.epoch already consumed
+        self.loss_generator = torch.Generator(device=acc.device)
+        self._last_saved = -1     # step of the newest checkpoint of this run
+        self._resume(resolve_resume(self.run_dir, cfg.resume))
+
+    # ---------------------------------------------------------------------- helpers
+    def _unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _resume(self, ckpt: Optional[Path]) -> None:
+        if ckpt is None:
+            return
+        self.accelerator.load_state(str(ckpt))
+        if self.ema is not None:
+            self.ema.to(self.accelerator.device)   # accelerate loads custom state on the CPU
+        state = read_trainer_state(ckpt)
+        if state.get("config_hash") != config_hash(self.config_dict):
+            log.warning("resuming %s with a different config", ckpt)
+        if (state.get("num_processes"), state.get("batch_size")) != (
+                self.accelerator.num_processes, self.cfg.batch_size):
+            log.warning("resuming with another process count or batch size: the data position "
+                        "of the interrupted epoch is only approximate")
+        self.step, self.micro_step = state["step"], state["micro_step"]
+        self._last_saved = self.step
+        self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
+        if self.batches_in_epoch >= len(self.loader):      # saved on the epoch's last batch
+            self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, self.step, self.epoch,
+                 self.batches_in_epoch)
+
+    def _save(self) -> None:
+        extra = {"micro_step": self.micro_step, "epoch": self.epoch,
+                 "batches_in_epoch": self.batches_in_epoch,
+                 "config_hash": config_hash(self.config_dict),
+                 "num_processes": self.accelerator.num_processes,
+                 "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum}
+        save_checkpoint(self.accelerator, self.run_dir, self.step, extra,
+                        keep=self.cfg.keep_checkpoints)
+        self._last_saved = self.step
+
+    def _reseed_loss_generator(self) -> None:
+        # A pure function of (seed, process, micro-step): the method's noise is identical after
+        # a resume without storing generator states per process.
+        acc = self.accelerator
+        seed = (self.cfg.seed * 1_000_003 + self.micro_step) * 1009 + acc.process_index
+        self.loss_generator.manual_seed(seed % 2**63)
+
+    def _images_batch(self) -> torch.Tensor:
+        """A fixed batch (first items of the dataset) for reconstruction-type image logs."""
+        dataset = self.loader.dataset
+        items = [dataset[i] for i in range(min(self.cfg.batch_size, len(dataset)))]
+        return torch.stack(items).to(self.accelerator.device)
+
+    def _log_images(self) -> None:
+        """Method's image grids under the EMA weights, main process only, global RNG untouched."""
+        model = self._unwrapped()
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if self.ema is not None:
+                self.ema.store(model.parameters())
+                self.ema.copy_to(model.parameters())
+            model.eval()
+            try:
+                with torch.no_grad():
+                    images = self.method.log_images(model, self._images_batch())
+            finally:
+                model.train()
+                if self.ema is not None:
+                    self.ema.restore(model.parameters())
+        self.log_images_fn(self.accelerator, images, self.step)
+
+    def _export(self) -> None:
+        model = self._unwrapped()
+        if self.ema is not None:
+            self.ema.store(model.parameters())
+            self.ema.copy_to(model.parameters())
+        try:
+            self.method.export(model, self.run_dir / "export", self.config_dict)
+        finally:
+            if self.ema is not None:
+                self.ema.restore(model.parameters())
+
+    # ---------------------------------------------------------------------- training loop
+    def fit(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        images_per_step = cfg.batch_size * acc.num_processes * cfg.grad_accum
+        max_norm = math.inf if self.optim_cfg.max_grad_norm is None else self.optim_cfg.max_grad_norm
+        start_step, t_start = self.step, time.perf_counter()
+        t_log, step_log = t_start, self.step
+        loss_sum = torch.zeros((), device=acc.device)
+        loss_count, logs_sum = 0, {}
+        grad_norm, last_loss = None, float("nan")
+        self.model.train()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train",
+                   disable=not acc.is_local_main_process)
+
+        while self.step < cfg.max_steps:
+            # -------------------------------------------------------------- epoch start
+            self.sampler.set_epoch(self.epoch)
+            self.loader.set_epoch(self.epoch)      # accelerate re-applies its own counter
+            loader = self.loader
+            if self.batches_in_epoch:
+                loader = acc.skip_first_batches(self.loader, self.batches_in_epoch)
+                loader.set_epoch(self.epoch)
+
+            for batch in loader:
+                # ---------------------------------------------------------- micro-step
+                if cfg.channels_last and batch.ndim == 4:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                with acc.accumulate(self.model):
+                    self._reseed_loss_generator()
+                    with acc.autocast():
+                        loss, logs = self.method.loss(self.model, batch,
+                                                      generator=self.loss_generator)
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        # Pre-clip norm; max_norm=inf only measures (and unscales fp16 grads).
+                        # Kept as a tensor: float() here would sync the GPU every step.
+                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+                    self.optimizer.step()
+                    if acc.sync_gradients and not acc.optimizer_step_was_skipped:
+                        self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                self.micro_step += 1
+                self.batches_in_epoch += 1
+                loss_sum += loss.detach().float()
+                loss_count += 1
+                for key, value in logs.items():
+                    logs_sum[key] = logs_sum.get(key, 0.0) + float(value)
+                if not acc.sync_gradients:
+                    continue
+
+                # ---------------------------------------------------------- optimiser step
+                self.step += 1
+                if self.ema is not None:
+                    self.ema.step(self.params)
+                bar.update(1)
+
+                at_end = self.step == cfg.max_steps
+                if at_end or (cfg.log_every > 0 and self.step % cfg.log_every == 0):
+                    # Collective: every process reaches this on the same step.
+                    mean_loss = acc.reduce(loss_sum / max(loss_count, 1), reduction="mean")
+                    last_loss = float(mean_loss)
+                    now = time.perf_counter()
+                    values = {"train/loss": last_loss,
+                              "train/lr": self.scheduler.get_last_lr()[0],
+                              "train/grad_norm": float("nan") if grad_norm is None
+                              else float(grad_norm),
+                              "train/images_per_s": (self.step - step_log) * images_per_step
+                              / max(now - t_log, 1e-9),
+                              "train/peak_memory_mb": peak_memory_mb(),
+                              "train/epoch": self.epoch}
+                    values.update({f"train/{k}": v / max(loss_count, 1)
+                                   for k, v in logs_sum.items()})   # main process's own
+                    if self.ema is not None and self.ema.cur_decay_value is not None:
+                        values["train/ema_decay"] = self.ema.cur_decay_value
+                    acc.log(values, step=self.step)
+                    if acc.is_main_process:
+                        self.history.append({"step": self.step, **values})
+                    bar.set_postfix(loss=f"{last_loss:.4g}", lr=f"{values['train/lr']:.2e}")
+                    loss_sum.zero_()
+                    loss_count, logs_sum, t_log, step_log = 0, {}, now, self.step
+
+                if cfg.image_every and self.step % cfg.image_every == 0 and acc.is_main_process:
+                    self._log_images()
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self._save()
+                if self.step >= cfg.max_steps:
+                    break
+            else:
+                # ---------------------------------------------------------- epoch end
+                self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+
+        # ------------------------------------------------------------------ the end
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+        if self._last_saved != self.step:
+            self._save()
+        if acc.is_main_process:
+            self._export()
+        acc.wait_for_everyone()
+        acc.end_training()
+        return {"step": self.step, "epoch": self.epoch, "loss": last_loss,
+                "images_per_s": (self.step - start_step) * images_per_step / max(elapsed, 1e-9)}
+
+
+def train(method, train_dataset: Dataset, cfg: TrainConfig, optim_cfg: OptimConfig,
+          run_dir: Path, config_dict: dict, **kwargs) -> dict:
+    """Functional entry point: Trainer(...).fit()."""
+    return Trainer(method, train_dataset, cfg, optim_cfg, run_dir, config_dict, **kwargs).fit()

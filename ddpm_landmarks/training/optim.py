@@ -1,0 +1,61 @@
+"""Optimiser and learning-rate schedule shared by pretraining, SSL baselines and fine-tuning.
+
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=cfg.train.max_steps)
+
+The schedule is counted in OPTIMISER steps: the engine calls scheduler.step() once per real
+optimiser step (never per micro-batch, never once per process).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ddpm_landmarks.training.config import OptimConfig
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine",
+              min_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr after `step` optimiser steps.
+
+    Linear warm-up from 1/warmup to 1 over `warmup` steps (step 0 already trains with a small,
+    non-zero lr), then either constant 1 or a half cosine from 1 down to `min_ratio` at `total`
+    (and `min_ratio` after it).
+    """
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown lr schedule {schedule!r}; use 'cosine' or 'constant'")
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / decay_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; biases and normalisation weights (1-d tensors) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.weight_decay > 0:
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": params, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR over lr_factor; a partial (not a lambda) so the scheduler state pickles."""
+    fn = functools.partial(_factor_for_lambda, warmup=cfg.warmup_steps, total=total_steps,
+                           schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def _factor_for_lambda(step: int, *, warmup: int, total: int, schedule: str,
+                       min_ratio: float) -> float:
+    return lr_factor(step, warmup, total, schedule, min_ratio)
