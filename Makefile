@@ -19,6 +19,7 @@ install: $(STAMP)
 demo: install
 	$(BIN)/ddpm-landmarks data inspect configs/synthetic.yaml
 	$(BIN)/ddpm-landmarks data preview configs/synthetic.yaml --out $(RUNS)/demo/preview.png
+	$(BIN)/ddpm-landmarks pretrain configs/pretrain/synthetic.yaml run.output_dir=$(RUNS) run.name=demo_pretrain
 	$(BIN)/ddpm-landmarks mean-shape configs/synthetic.yaml run.output_dir=$(RUNS) run.name=demo
 
 test: install

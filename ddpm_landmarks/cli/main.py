@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ddpm_landmarks.cli import data_commands, mean_shape_command
+from ddpm_landmarks.cli import data_commands, mean_shape_command, pretrain_command
 from ddpm_landmarks.config import ConfigError
 from ddpm_landmarks.data.sample import DataError
 
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     data_commands.add_parser(subparsers)
     mean_shape_command.add_parser(subparsers)
+    pretrain_command.add_parser(subparsers)
     return parser
 
 

@@ -16,6 +16,9 @@ def setup_logging(run_dir: Path | None = None, level: int = logging.INFO) -> Non
         handlers.append(logging.FileHandler(run_dir / "log.txt"))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=handlers, force=True)
+    # accelerate logs every file of every checkpoint at INFO: keep the run log readable.
+    for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def prepare_run_dir(cfg) -> Path:

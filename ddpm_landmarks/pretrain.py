@@ -1,0 +1,112 @@
+"""Pretrain a DDPM U-Net on unlabelled x-rays.
+
+One process:
+    ddpm-landmarks pretrain configs/pretrain/synthetic.yaml train.max_steps=300
+Several processes / GPUs / nodes (same flags, same config):
+    accelerate launch -m ddpm_landmarks.pretrain --config configs/pretrain/isbi2015.yaml train.resume=latest
+
+The run folder (run.output_dir/run.name) receives config.yaml, pretrain_images.txt (every image
+trained on, for leakage audits), checkpoints/step_*/ (resumable), images/ (sample grids), the
+W&B / TensorBoard logs and, at the end, export/: the EMA U-Net (`UNet2DModel.from_pretrained`)
+with its scheduler and the resolved config, which fine-tuning loads.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ddpm_landmarks.config import ConfigError, load_config, save_config, to_dict
+from ddpm_landmarks.data.pretrain_data import build_pretrain_dataset, pool_weighted_subset
+from ddpm_landmarks.data.sample import DataError
+from ddpm_landmarks.methods import METHODS
+from ddpm_landmarks.training.config import PretrainConfig
+from ddpm_landmarks.training.engine import Trainer
+from ddpm_landmarks.training.trackers import flatten_config, log_image_grids, tracker_setup
+from ddpm_landmarks.utils.runs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def _is_main_process() -> bool:
+    # Before the Accelerator exists: `accelerate launch` / torchrun export RANK.
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def pretrain(cfg: PretrainConfig, method_name: str = "ddpm") -> dict:
+    """Run (or resume) one pretraining job; returns the engine's summary."""
+    # ------------------------------------------------------------------ run folder
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    main = _is_main_process()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    setup_logging(run_dir if main else None)
+    if cfg.data.image_size % 8:
+        raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of 8")
+
+    # ------------------------------------------------------------------ data
+    # Every process builds the same image list (pools are sorted; exclusions are exact); only
+    # the main process writes the audit files.
+    images = build_pretrain_dataset(cfg, run_dir if main else None)
+    weights = {p.weight for p in images.pools.pools}
+    # Unequal pool weights: an epoch is a weighted subset of the pools (uniformly shuffled by
+    # the engine); equal weights mean every image once per epoch.
+    dataset = pool_weighted_subset(images, seed=cfg.train.seed) if len(weights) > 1 else images
+
+    # ------------------------------------------------------------------ method
+    if method_name not in METHODS:
+        raise ConfigError(f"unknown method {method_name!r}; valid: {', '.join(METHODS)}")
+    try:
+        method = METHODS[method_name](cfg)
+    except ValueError as err:          # unknown preset, resolution the U-Net cannot take, ...
+        raise ConfigError(str(err)) from None
+
+    # ------------------------------------------------------------------ train
+    config_dict = to_dict(cfg)
+    log_with, init_kwargs = tracker_setup(cfg.logger, run_dir, run_name=cfg.run.name)
+
+    def init_trackers(accelerator) -> None:
+        if log_with is not None:
+            accelerator.init_trackers(cfg.logger.project, config=flatten_config(config_dict),
+                                      init_kwargs=init_kwargs)
+
+    trainer = Trainer(method, dataset, cfg.train, cfg.optim, run_dir, config_dict,
+                      log_with=log_with, init_trackers=init_trackers,
+                      log_images=log_image_grids)
+    summary = trainer.fit()
+    if main:
+        log.info("done: step %d, loss %.4f, %.1f images/s; export in %s", summary["step"],
+                 summary["loss"], summary["images_per_s"], run_dir / "export")
+    return summary
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(
+        prog="python -m ddpm_landmarks.pretrain", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (configs/pretrain/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=500")
+    return parser
+
+
+def run_from_args(config: str, overrides: list[str]) -> int:
+    cfg = load_config(config, overrides, cls=PretrainConfig)
+    pretrain(cfg)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_from_args(args.config, args.overrides)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
