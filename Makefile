@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNS   ?= runs
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean bench-pretrain
 
 # pip resolves torch/torchvision from the registry (CUDA builds, which also run on CPU).
 $(STAMP): pyproject.toml
@@ -27,3 +27,8 @@ test: install
 
 clean:
 	rm -rf $(RUNS) .pytest_cache
+
+bench-pretrain: install
+	$(BIN)/python experiments/bench/bench_pretrain.py
+
+bench: bench-pretrain

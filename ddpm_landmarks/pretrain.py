@@ -51,11 +51,16 @@ def pretrain(cfg: PretrainConfig, method_name: str = "ddpm") -> dict:
     # ------------------------------------------------------------------ data
     # Every process builds the same image list (pools are sorted; exclusions are exact); only
     # the main process writes the audit files.
-    images = build_pretrain_dataset(cfg, run_dir if main else None)
+    images = build_pretrain_dataset(cfg, run_dir if main else None,
+                                    seed=cfg.train.seed + int(os.environ.get("RANK", "0")))
     weights = {p.weight for p in images.pools.pools}
     # Unequal pool weights: an epoch is a weighted subset of the pools (uniformly shuffled by
     # the engine); equal weights mean every image once per epoch.
     dataset = pool_weighted_subset(images, seed=cfg.train.seed) if len(weights) > 1 else images
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if len(dataset) < cfg.train.batch_size * world:
+        raise DataError(f"{len(dataset)} pretraining images cannot fill one batch of "
+                        f"train.batch_size={cfg.train.batch_size} on {world} process(es)")
 
     # ------------------------------------------------------------------ method
     if method_name not in METHODS:

@@ -1,0 +1,259 @@
+"""Images for DDPM pretraining: the unlabelled pools (+ labelled splits), resized and mildly augmented.
+
+    dataset = build_pretrain_dataset(cfg, run_dir)      # writes the audit lists into run_dir
+    sampler = pool_sampler(dataset, num_samples=..., seed=cfg.train.seed)
+    loader = DataLoader(dataset, batch_size, sampler=sampler, num_workers=...,
+                        worker_init_fn=worker_init_fn, generator=torch.Generator().manual_seed(s))
+
+Items are float32 tensors (1, S, S) in [-1, 1] (the range DDPM noise schedules assume).
+
+Which images: the kept images of cfg.unlabeled.pools, plus, when cfg.unlabeled.labelled_splits
+is set, the images of those splits of cfg.data.dataset, each split one more pool of weight 1.0
+(there is no config key for it). The exclusion rules (cfg.unlabeled.exclude) apply to both, and
+an image already in an earlier pool is not added twice.
+
+Mixing by weight: pool_sampler_weights gives image i of pool p the weight w_p / |p|, so a pool
+is drawn with probability proportional to its weight whatever its size (same rule as
+unlabeled.PoolSampler). Under accelerate, give the sampler the SAME seed on every process:
+accelerate shards the batches of one shared stream across processes. For a loader that shuffles
+uniformly (the training engine), pool_weighted_subset gives the same mixing as a Subset.
+
+Randomness: the dataset owns `self.rng` (numpy Generator, seeded at construction, `reseed`).
+In a DataLoader worker the dataset is a copy; it reseeds itself, on its first item, from the
+worker's torch seed (torch.initial_seed(): base seed from the loader's generator + worker id,
+or whatever the engine's worker_init_fn set with torch.manual_seed), so workers and epochs
+differ and runs are reproducible when that seed is. worker_init_fn here does it up front. No horizontal flips: anatomy has a side,
+and a flipped chest or spine is an image the model should never learn as normal.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Optional
+
+import cv2
+import numpy as np
+import torch
+
+from ddpm_landmarks.config import AugmentConfig, ConfigError
+from ddpm_landmarks.data.image_io import read_image
+from ddpm_landmarks.data.intensity import random_intensity
+from ddpm_landmarks.data.sample import DataError
+from ddpm_landmarks.data.transforms import (original_to_model_matrix, random_affine_matrix,
+                                            warp_image)
+from ddpm_landmarks.data.unlabeled import (ExclusionReport, MixedPools, UnlabeledPool,
+                                           apply_exclusions, build_pools, parse_exclusion,
+                                           write_image_list)
+from ddpm_landmarks.utils.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+IMAGE_LIST = "pretrain_images.txt"
+EXCLUSION_REPORT = "pretrain_exclusions.txt"
+
+
+class PretrainImages(torch.utils.data.Dataset):
+    """MixedPools -> (1, S, S) float32 tensors in [-1, 1] on the model grid.
+
+    augment=None: only the deterministic resize (for previews and tests); otherwise a random
+    affine (rotation / scale / shear / translation, never a flip) and intensity augmentation.
+    """
+
+    def __init__(self, pools: MixedPools, image_size: int, resize_mode: str = "stretch",
+                 augment: Optional[AugmentConfig] = None, seed: int = 0):
+        if augment is not None and augment.flip_prob > 0:
+            raise ConfigError(f"augment.flip_prob={augment.flip_prob}: pretraining never flips "
+                              "(anatomy has a side); set augment.flip_prob=0")
+        if resize_mode not in ("stretch", "letterbox"):
+            raise ConfigError(f"data.resize_mode: {resize_mode!r} is not stretch | letterbox")
+        # OpenCV's thread pool is not fork-safe: a DataLoader worker forked while a pool thread
+        # holds its mutex deadlocks on its first cv2 call (seen in tests). Parallelism comes
+        # from the workers anyway, so OpenCV runs single-threaded in this process and its
+        # forks (a process-wide setting; it only costs speed of other cv2 calls).
+        cv2.setNumThreads(0)
+        self.pools = pools
+        self.size = int(image_size)
+        self.resize_mode = resize_mode
+        self.augment = augment
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation stream (called per DataLoader worker by worker_init_fn)."""
+        self.seed = int(seed)
+        self.rng = np.random.default_rng(self.seed)
+        self._rng_pid = os.getpid()
+
+    def _current_rng(self) -> np.random.Generator:
+        # A worker holds a copy of the parent's generator: without a reseed every worker (and,
+        # as workers are re-created, every epoch) would replay the same stream. Whatever the
+        # worker_init_fn (ours, the engine's, none), torch.initial_seed() in a worker is that
+        # worker's own seed, so a worker that was not reseeded yet reseeds from it here.
+        if self._rng_pid != os.getpid() and torch.utils.data.get_worker_info() is not None:
+            self.reseed(torch.initial_seed())
+        return self.rng
+
+    def __len__(self) -> int:
+        return len(self.pools)
+
+    @property
+    def paths(self) -> list[Path]:
+        return self.pools.paths
+
+    def load(self, index: int) -> np.ndarray:
+        """float32 (S, S) in [0, 1]: read, resize (area-antialiased), augment."""
+        image = read_image(self.pools.path(index))   # DataError naming the file if unreadable
+        h, w = image.shape
+        rng = self._current_rng()
+        matrix = original_to_model_matrix((w, h), self.size, self.resize_mode)
+        if self.augment is not None:
+            matrix = random_affine_matrix(rng, self.augment, self.size) @ matrix
+        # One warp for resize + augmentation: a single interpolation, antialiased on shrink.
+        image = warp_image(image, matrix, self.size)
+        if self.augment is not None:
+            image = random_intensity(image, rng, self.augment)
+        return np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self.load(int(index))
+        return torch.from_numpy(image * 2.0 - 1.0).unsqueeze(0)
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """DataLoader worker_init_fn: reseed this worker's dataset copy from its torch seed.
+
+    torch gives worker k the seed base_seed + k, base_seed drawn from the loader's generator,
+    so this is reproducible (seeded generator) and distinct per worker. The legacy global
+    numpy / random generators are seeded too, for any code that still draws from them.
+    """
+    info = torch.utils.data.get_worker_info()
+    if info is None:
+        return
+    seed = int(info.seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    dataset = info.dataset
+    # Through a Subset (or similar wrapper) to the PretrainImages underneath.
+    while not hasattr(dataset, "reseed") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    if hasattr(dataset, "reseed"):
+        dataset.reseed(seed)
+
+
+def pool_sampler_weights(dataset: PretrainImages | MixedPools) -> torch.Tensor:
+    """Per-item sampling weights (float64, summing to 1): pool weight / pool size."""
+    pools = dataset.pools if isinstance(dataset, PretrainImages) else dataset
+    total = sum(p.weight for p in pools.pools)
+    weights = [p.weight / total / len(p) for p in pools.pools for _ in p.paths]
+    return torch.tensor(weights, dtype=torch.float64)
+
+
+def pool_sampler(dataset: PretrainImages, num_samples: int,
+                 seed: int = 0) -> torch.utils.data.WeightedRandomSampler:
+    """WeightedRandomSampler (with replacement) mixing the pools by weight; seed it the same on
+    every process (see the module docstring)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.utils.data.WeightedRandomSampler(pool_sampler_weights(dataset), int(num_samples),
+                                                  replacement=True, generator=generator)
+
+
+def pool_weighted_subset(dataset: PretrainImages, epoch_size: Optional[int] = None,
+                         seed: int = 0) -> torch.utils.data.Subset:
+    """A Subset whose items are the pools in proportion to their weights, for loaders that
+    shuffle uniformly (e.g. the training engine's epoch sampler).
+
+    Pool p gets round(epoch_size * w_p / sum w) slots (largest remainder, so they sum to
+    epoch_size, default len(dataset)), filled by cycling through a seeded permutation of its
+    images: a small, heavily weighted pool repeats, a large one is subsampled.
+    """
+    pools = dataset.pools.pools
+    size = len(dataset) if epoch_size is None else int(epoch_size)
+    weights = np.array([p.weight for p in pools], dtype=np.float64)
+    exact = size * weights / weights.sum()
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(-(exact - counts), kind="stable")[: size - counts.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    indices, offset = [], 0
+    for pool, count in zip(pools, counts):
+        order = offset + rng.permutation(len(pool))
+        indices += np.resize(order, count).tolist()
+        offset += len(pool)
+    return torch.utils.data.Subset(dataset, indices)
+
+
+def _labelled_split_pools(cfg, seen: set[Path], report: ExclusionReport) -> list[UnlabeledPool]:
+    """One pool per cfg.unlabeled.labelled_splits entry, exclusions applied (into `report`)."""
+    from ddpm_landmarks.data.registry import build_dataset   # imports every reader
+    dataset = build_dataset(cfg.data)   # first: a synthetic set is generated before exclusions
+    rules = [parse_exclusion(e) for e in cfg.unlabeled.exclude if e.strip()]
+    for rule in rules:
+        report.per_rule.setdefault(rule.entry, 0)
+    pools = []
+    for split in cfg.unlabeled.labelled_splits:
+        name = f"{cfg.data.dataset}:{split}"
+        found = sorted({Path(r.image_path).resolve() for r in dataset.split(split).records})
+        fresh = [p for p in found if p not in seen]
+        if len(fresh) < len(found):
+            log.warning("labelled split '%s': %d images already in an earlier pool are skipped",
+                        name, len(found) - len(fresh))
+        if not fresh:
+            raise DataError(f"labelled split '{name}': all its images are already in earlier pools")
+        seen.update(fresh)
+        kept = apply_exclusions(fresh, rules, report)
+        if not kept:
+            raise DataError(f"labelled split '{name}': all {len(fresh)} images excluded by "
+                            f"unlabeled.exclude")
+        pools.append(UnlabeledPool(name=name, root=found[0].parent, paths=kept, weight=1.0))
+    return pools
+
+
+def build_pretrain_pools(cfg) -> MixedPools:
+    """The MixedPools of a PretrainConfig: cfg.unlabeled.pools, then the labelled splits."""
+    un = cfg.unlabeled
+    if not un.pools and not un.labelled_splits:
+        raise DataError(
+            "no pretraining images configured: set unlabeled.pools (e.g. "
+            "[{path: \"${DDPM_LANDMARKS_DATA}/chest_unlabeled\", weight: 1.0}]) and/or "
+            "unlabeled.labelled_splits (e.g. [train]: the images of that split of data.dataset)")
+    if un.pools:
+        mixed = build_pools(un)   # DataError naming a missing, empty or fully excluded pool
+        pools, report = list(mixed.pools), mixed.report
+    else:
+        pools, report = [], ExclusionReport()
+    if un.labelled_splits:
+        seen = {p for pool in pools for p in pool.paths}
+        pools += _labelled_split_pools(cfg, seen, report)
+    result = MixedPools(pools, report)
+    if len(result) == 0:   # cannot happen (every pool is checked), but never train on nothing
+        raise DataError(f"no pretraining images in pools {[p.name for p in pools]}")
+    return result
+
+
+def exclusion_summary(pools: MixedPools) -> str:
+    """Text of pretrain_exclusions.txt: the exclusion report and what each pool contributes."""
+    lines = [f"# pretraining images: {pools.report.summary()}"]
+    lines += [f"rule {rule!r}: {n} excluded" for rule, n in pools.report.per_rule.items()]
+    lines += [f"pool {p.name!r}: {len(p)} images, weight {p.weight:g}, root {p.root}"
+              for p in pools.pools]
+    return "\n".join(lines) + "\n"
+
+
+def build_pretrain_dataset(cfg, run_dir: Optional[Path] = None,
+                           seed: Optional[int] = None) -> PretrainImages:
+    """PretrainImages for a PretrainConfig; writes the audit files into run_dir when given.
+
+    run_dir/pretrain_images.txt lists every image trained on (absolute paths; usable as an
+    exclusion file), run_dir/pretrain_exclusions.txt what the exclusion rules removed.
+    seed: the augmentation seed outside DataLoader workers (default cfg.train.seed; under
+    accelerate pass seed + process index so that processes augment differently).
+    """
+    pools = build_pretrain_pools(cfg)
+    dataset = PretrainImages(pools, cfg.data.image_size, cfg.data.resize_mode, cfg.augment,
+                             seed=cfg.train.seed if seed is None else seed)
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        write_image_list(pools.paths, run_dir / IMAGE_LIST)
+        atomic_write_text(run_dir / EXCLUSION_REPORT, exclusion_summary(pools))
+    log.info("pretraining on %d images from %d pools", len(dataset), len(pools.pools))
+    return dataset
