@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from accelerate.utils import set_seed
+
 from ddpm_landmarks.config import ConfigError, load_config, save_config, to_dict
 from ddpm_landmarks.data.pretrain_data import build_pretrain_dataset, pool_weighted_subset
 from ddpm_landmarks.data.sample import DataError
@@ -65,6 +67,9 @@ def pretrain(cfg: PretrainConfig, method_name: str = "ddpm") -> dict:
     # ------------------------------------------------------------------ method
     if method_name not in METHODS:
         raise ConfigError(f"unknown method {method_name!r}; valid: {', '.join(METHODS)}")
+    # Same seed on every process: identical initial weights (DDP would broadcast rank 0's
+    # anyway) and a run that reproduces from its config.
+    set_seed(cfg.train.seed)
     try:
         method = METHODS[method_name](cfg)
     except ValueError as err:          # unknown preset, resolution the U-Net cannot take, ...

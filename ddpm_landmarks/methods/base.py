@@ -20,6 +20,20 @@ from typing import Protocol, runtime_checkable
 import torch
 
 
+def this_process_slice(local_batch: int) -> tuple[int, slice]:
+    """(global batch, this process's slice of it) under accelerate (1 process: everything).
+
+    The engine hands every process the SAME generator state for a micro-step. A method draws
+    its randomness (timesteps, noise, augmentations) for the global batch and keeps its slice,
+    so N processes x batch b draw exactly what 1 process x batch N*b draws: the multi-process
+    run is the single-process run, sharded.
+    """
+    from accelerate import PartialState
+    state = PartialState()
+    start = state.process_index * local_batch
+    return local_batch * state.num_processes, slice(start, start + local_batch)
+
+
 @runtime_checkable
 class Method(Protocol):
     model: torch.nn.Module
@@ -27,7 +41,9 @@ class Method(Protocol):
 
     def loss(self, model: torch.nn.Module, batch: torch.Tensor,
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar training loss of one micro-batch (B, C, H, W) in [-1, 1], plus scalars to log."""
+        """Scalar training loss of one micro-batch (B, C, H, W) in [-1, 1], plus scalars to log.
+
+        `generator` is shared by all processes (see this_process_slice)."""
         ...
 
     def log_images(self, model: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import yaml
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.utils.torch_utils import randn_tensor
 from torchvision.utils import make_grid
 
+from ddpm_landmarks.methods.base import this_process_slice
 from ddpm_landmarks.models.unet import build_unet
 from ddpm_landmarks.training.config import DiffusionConfig, ModelConfig
 
@@ -116,11 +116,14 @@ class DDPMMethod:
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         x0 = batch
         b, device = x0.shape[0], x0.device
-        # Draw on the generator's device, then move: a CPU generator can drive a GPU run.
+        # Draw for the global batch and keep this process's slice (methods.base), on the
+        # generator's device, then move: a CPU generator can drive a GPU run.
+        total, mine = this_process_slice(b)
         gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_train_timesteps, (b,), generator=generator,
-                          device=gen_device).to(device)
-        noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        t = torch.randint(0, self.num_train_timesteps, (total,), generator=generator,
+                          device=gen_device)[mine].to(device)
+        noise = torch.randn((total, *x0.shape[1:]), generator=generator, device=gen_device,
+                            dtype=x0.dtype)[mine].to(device)
         x_t = self.scheduler.add_noise(x0, noise, t)
         if self.cfg.prediction_type == "epsilon":
             target = noise

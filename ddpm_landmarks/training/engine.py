@@ -110,6 +110,8 @@ class Trainer:
         self.accelerator = acc = Accelerator(
             gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
             log_with=log_with, project_dir=str(self.run_dir), step_scheduler_with_optimizer=False)
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         if init_trackers is not None:
             init_trackers(acc)
 
@@ -194,10 +196,11 @@ class Trainer:
         self._last_saved = self.step
 
     def _reseed_loss_generator(self) -> None:
-        # A pure function of (seed, process, micro-step): the method's noise is identical after
-        # a resume without storing generator states per process.
-        acc = self.accelerator
-        seed = (self.cfg.seed * 1_000_003 + self.micro_step) * 1009 + acc.process_index
+        # A pure function of (seed, micro-step): the method's noise is identical after a
+        # resume without storing generator states.
+        # The same state on every process: methods draw for the global batch and take their
+        # slice (methods.base.this_process_slice), so N processes reproduce 1 process.
+        seed = self.cfg.seed * 1_000_003 + self.micro_step
         self.loss_generator.manual_seed(seed % 2**63)
 
     def _images_batch(self) -> torch.Tensor:
@@ -305,13 +308,18 @@ class Trainer:
                               / max(now - t_log, 1e-9),
                               "train/peak_memory_mb": peak_memory_mb(),
                               "train/epoch": self.epoch}
+                    # The method's own scalars, from the main process only; they never replace
+                    # the engine's cross-process values (e.g. its "loss" vs the averaged one).
                     values.update({f"train/{k}": v / max(loss_count, 1)
-                                   for k, v in logs_sum.items()})   # main process's own
+                                   for k, v in logs_sum.items() if f"train/{k}" not in values})
                     if self.ema is not None and self.ema.cur_decay_value is not None:
                         values["train/ema_decay"] = self.ema.cur_decay_value
                     acc.log(values, step=self.step)
                     if acc.is_main_process:
                         self.history.append({"step": self.step, **values})
+                        # A local copy of what the trackers got, readable without W&B.
+                        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                            fh.write(json.dumps({"step": self.step, **values}) + "\n")
                     bar.set_postfix(loss=f"{last_loss:.4g}", lr=f"{values['train/lr']:.2e}")
                     loss_sum.zero_()
                     loss_count, logs_sum, t_log, step_log = 0, {}, now, self.step

@@ -5,17 +5,15 @@ bf16 autocast vs fp32, and the training engine's overhead over a bare loop.
         [--steps 10] [--warmup 3] [--threads N]
 
 Prints Markdown. Everything (the matmul peak included) is measured in this one process, with
-the same thread count. Targets are printed as met / MISSED, never asserted.
+the same thread count. Targets are printed as met / MISSED, never asserted. The engine's
+progress bar goes to stderr; `2>/dev/null` keeps only the report.
 """
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("TQDM_DISABLE", "1")     # the engine's progress bar, before tqdm loads
 
 import argparse
 import ctypes
 import gc
+import os
 import platform
 import re
 import statistics
@@ -213,8 +211,8 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=None,
                    help="default: tiny small (+ base with CUDA)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     p.add_argument("--threads", type=int, default=cores)
     args = p.parse_args()
     presets = args.presets or (["tiny", "small"] + (["base"] if CUDA else []))
