@@ -167,7 +167,7 @@ def bare_loop(preset: str, batch: int, steps: int, warmup: int,
 
 
 def engine_loop(preset: str, batch: int, steps: int, warmup: int) -> tuple[float, float]:
-    """(median, mean) s/step of the real Trainer (fp32, EMA + clipping + LR schedule on).
+    """(median, min) s/step of the real Trainer (fp32, EMA + clipping + LR schedule on).
 
     How the steady state is isolated: a forward pre-hook on the U-Net stamps perf_counter()
     each time the engine calls the model (once per optimiser step, grad_accum=1). The gap
@@ -197,7 +197,7 @@ def engine_loop(preset: str, batch: int, steps: int, warmup: int) -> tuple[float
                           log_with=None)
         trainer.fit()
     gaps = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])][:steps]
-    return statistics.median(gaps), statistics.mean(gaps)
+    return statistics.median(gaps), min(gaps)
 
 
 # ---------------------------------------------------------------------------------- report
@@ -211,8 +211,8 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=None,
                    help="default: tiny small (+ base with CUDA)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     p.add_argument("--threads", type=int, default=cores)
     args = p.parse_args()
     presets = args.presets or (["tiny", "small"] + (["base"] if CUDA else []))
@@ -237,16 +237,16 @@ def main() -> None:
         # drift in the machine's load hits both sides of the overhead comparison alike.
         half = (args.steps + 1) // 2
         t_a, mem32 = bare_loop(preset, args.batch, half, args.warmup, bf16=False)
-        eng_med, eng_mean = engine_loop(preset, args.batch, args.steps, args.warmup)
+        eng_med, eng_min = engine_loop(preset, args.batch, args.steps, args.warmup)
         t_b, _ = bare_loop(preset, args.batch, args.steps - half, args.warmup, bf16=False)
-        s32 = statistics.median(t_a + t_b)
+        s32, s32_min = statistics.median(t_a + t_b), min(t_a + t_b)
         t16, mem16 = bare_loop(preset, args.batch, args.steps, args.warmup, bf16=True)
         s16 = statistics.median(t16)
         with torch.device("meta"):
             params = count_parameters(make_method(preset).model)
         rows.append(SimpleNamespace(
             preset=preset, res=PRESETS[preset]["resolution"], params=params, flops=flops,
-            s32=s32, s16=s16, mem32=mem32, mem16=mem16, eng=eng_med, eng_mean=eng_mean))
+            s32=s32, s16=s16, mem32=mem32, mem16=mem16, eng=eng_med, eng_min=eng_min, s32_min=s32_min))
 
     # Again at the end: the gap between the two readings shows how steady the machine was.
     end32, end16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
@@ -271,12 +271,14 @@ def main() -> None:
               f"{100 * g16 / peak16:.1f} | {r.mem16:.0f} | {r.s32 / r.s16:.2f}x |")
 
     print("\n### Engine overhead (fp32; Trainer with EMA, grad clipping, LR schedule, logging)\n")
-    print("| preset | bare s/step | engine s/step (median) | overhead (median) | "
-          "engine s/step (mean) | overhead (mean) |")
-    print("|---|---|---|---|---|---|")
+    # Other processes can only slow a step down, so the fastest step is the least disturbed
+    # one: with a busy machine the min-based overhead is the more trustworthy of the two.
+    print("| preset | bare s/step (median) | engine s/step (median) | overhead (median) | "
+          "bare s/step (min) | engine s/step (min) | overhead (min) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.preset} | {r.s32:.3f} | {r.eng:.3f} | {100 * (r.eng / r.s32 - 1):+.1f}% | "
-              f"{r.eng_mean:.3f} | {100 * (r.eng_mean / r.s32 - 1):+.1f}% |")
+              f"{r.s32_min:.3f} | {r.eng_min:.3f} | {100 * (r.eng_min / r.s32_min - 1):+.1f}% |")
 
     print("\n### Targets (from the issue; reported, not asserted)\n")
     print("| preset | engine overhead <= 10% | fp32 step >= 75% of fp32 matmul peak | "
