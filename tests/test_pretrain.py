@@ -143,6 +143,34 @@ def test_accelerate_launch_two_processes_matches_one_process(tmp_path):
     assert worst < 1e-5, worst
 
 
+def test_resumed_ddpm_run_equals_uninterrupted_run(tmp_path):
+    """Stop at step 2, resume to 4 == straight to 4: weights, EMA and optimiser state."""
+    def run(name, steps, resume=""):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        overrides = small_overrides(tmp_path, **NO_AUGMENT, **{
+            "run.name": name, "train.max_steps": steps, "train.resume": resume or '""',
+            "train.image_every": 0})
+        pretrain(load_config(CONFIG, overrides, cls=PretrainConfig))
+
+    run("straight", 4)
+    run("resumed", 2)
+    run("resumed", 4, resume="latest")
+    a = tmp_path / "runs" / "straight" / "checkpoints" / "step_00000004"
+    b = tmp_path / "runs" / "resumed" / "checkpoints" / "step_00000004"
+    wa, wb = _weights(a), _weights(b)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+    ema_a = torch.load(a / "custom_checkpoint_0.pkl", weights_only=False)
+    ema_b = torch.load(b / "custom_checkpoint_0.pkl", weights_only=False)
+    assert ema_a["optimization_step"] == ema_b["optimization_step"] == 4
+    for x, y in zip(ema_a["shadow_params"], ema_b["shadow_params"]):
+        assert (x - y).abs().max().item() < 1e-6
+    opt_a = torch.load(a / "optimizer.bin", weights_only=False)["state"]
+    opt_b = torch.load(b / "optimizer.bin", weights_only=False)["state"]
+    for k in opt_a:
+        assert (opt_a[k]["exp_avg_sq"] - opt_b[k]["exp_avg_sq"]).abs().max().item() < 1e-9
+
+
 def test_loss_decreases_on_real_xrays(shared_data, tmp_path):
     # 100 optimiser steps of the tiny preset at 64 px on ISBI Train + chest images.
     overrides = [
