@@ -169,6 +169,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
+        # YAML 1.1 reads a bare `no` / `off` as False (`mixed_precision=no`): map it back to
+        # the literal the user typed when the field only takes strings.
+        if isinstance(value, bool) and all(isinstance(a, str) for a in args):
+            value = {False: "no", True: "yes"}[value]
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value

@@ -88,3 +88,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(bad)
+
+
+def test_yaml_bare_no_is_the_string_no_for_string_choices():
+    from ddpm_landmarks.training.config import PretrainConfig
+    cfg = load_config(None, ["train.mixed_precision=no"], cls=PretrainConfig)
+    assert cfg.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="bf16"):
+        load_config(None, ["train.mixed_precision=yes"], cls=PretrainConfig)
