@@ -19,3 +19,14 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data not found at {path} (set DDPM_LANDMARKS_DATA to the data folder)")
     return path
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One intra-op thread for the module: on a 2-core machine two OpenMP threads spin against
+    DataLoader workers and other jobs (4x slower when busy); one thread is steadier."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,14 +14,7 @@ from ddpm_landmarks.methods.ddpm import DDPMMethod, diffusion_loss, load_exporte
 from ddpm_landmarks.training.config import PretrainConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On a shared 2-core machine two OpenMP threads spin against other jobs (4x slower when the
-    # machine is busy); one thread is steadier. Restored after the module.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _cfg(size: int = 32, **diffusion) -> PretrainConfig:

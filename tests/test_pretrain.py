@@ -31,13 +31,7 @@ def fresh_accelerate():
     GradientState._reset_state()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores: intra-op threads fight the DataLoader and the other test processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def small_overrides(tmp_path: Path, **extra) -> list[str]:

@@ -8,14 +8,7 @@ from ddpm_landmarks.models.unet import PRESETS, build_unet, count_parameters, ma
 from ddpm_landmarks.training.config import ModelConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On a shared 2-core machine two OpenMP threads spin against other jobs (4x slower when the
-    # machine is busy); one thread is steadier. Restored after the module.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _meta_build(preset: str, **kwargs):
