@@ -1,0 +1,301 @@
+"""The pretrained DDPM U-Net fine-tuned as a K-channel landmark heatmap regressor.
+
+    cfg = RegressorConfig(init="pretrained", pretrained_path="runs/pretrain/export")
+    model = build_regressor(cfg, num_landmarks=19, image_size=256)
+    heatmaps = model(images)                  # (B, 1, H, W) in [-1, 1] -> (B, K, H, W), raw values
+    opt = torch.optim.AdamW(param_groups(model, body_lr=1e-4, head_lr=1e-3, weight_decay=1e-4))
+    save_regressor(model, "out/model"); model = load_regressor("out/model")
+
+Head. `unet.conv_out` (GroupNorm-SiLU'd last decoder features -> 1 channel) is replaced by a new
+head with K outputs: "conv1x1" = Conv2d(C, K, 1); "small" = Conv2d(C, C, 3) + GroupNorm + SiLU +
+Conv2d(C, K, 1). The last conv of the head has weights ~ N(0, 1e-3^2) and zero bias, so initial
+heatmaps are ~0 (right for MSE on Gaussian targets). Not exactly zero on purpose: a zero last
+layer gives the whole body zero gradient on the first step.
+
+Timesteps.
+  "fixed": every image is fed with t = cfg.timestep (0 = the clean-image end of the chain).
+  "drop":  time conditioning is removed, as in the original DDPM-landmark fine-tuning code whose
+           U-Net blocks have no time projection. Exactly: `unet.time_embedding` (the time MLP) is
+           replaced by a parameter-free module that returns None, so UNet2DModel.forward passes
+           temb=None to every block; every ResnetBlock2D gets `time_emb_proj = None` (parameters
+           removed) and `time_embedding_norm = "default"`, whose forward with temb None is plain
+           conv1 -> norm2 -> SiLU -> conv2 (for "scale_shift" blocks this equals FiLM with scale =
+           shift = 0). Attention blocks and up/down samplers ignore temb. The remaining
+           `time_proj` (sinusoids, no parameters) still runs on a dummy t and its output is
+           discarded. Output therefore does not depend on cfg.timestep (except through
+           noise_input, which uses cfg.timestep as the noise level).
+  noise_input: in training mode x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps with fresh eps each
+           forward (a = the pretraining scheduler's alphas_cumprod, stored as a buffer). In eval
+           mode no noise is drawn: the input is the mean of q(x_t | x_0), sqrt(a_t) x0, so
+           predictions are deterministic and independent of batch composition.
+
+Freezing: "encoder" = conv_in + time embedding + down blocks + mid block; "unet" = everything but
+the new head (a linear/small probe). Frozen parameters have requires_grad False and are left out of
+`param_groups`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.models.resnet import ResnetBlock2D
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ddpm_landmarks.models.unet import build_unet
+from ddpm_landmarks.training.config import ModelConfig
+
+WEIGHTS_NAME = "regressor.safetensors"
+META_NAME = "regressor.json"
+FORMAT = "ddpm_landmarks.regressor"
+HEAD_INIT_STD = 1e-3
+
+
+@dataclass
+class RegressorConfig:
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    pretrained_path: str = ""           # a pretraining run's export/ folder ("" = none: scratch only)
+    preset: str = "tiny"                # scratch without pretrained_path: ddpm_landmarks.models.unet
+    timestep_mode: Literal["fixed", "drop"] = "fixed"
+    timestep: int = 0
+    noise_input: bool = False           # needs the exported scheduler (pretrained_path/scheduler)
+    freeze: Literal["none", "encoder", "unet"] = "none"
+    head: Literal["conv1x1", "small"] = "conv1x1"
+
+
+class _NoTimeEmbedding(nn.Module):
+    """Stands in for unet.time_embedding in "drop" mode: returns None, so blocks get temb=None."""
+
+    def forward(self, t_emb: torch.Tensor) -> None:  # noqa: ARG002
+        return None
+
+
+def _make_head(kind: str, channels: int, num_landmarks: int, groups: int) -> nn.Module:
+    last = nn.Conv2d(channels, num_landmarks, kernel_size=1)
+    nn.init.normal_(last.weight, std=HEAD_INIT_STD)
+    nn.init.zeros_(last.bias)
+    if kind == "conv1x1":
+        return last
+    if kind == "small":
+        return nn.Sequential(nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+                             nn.GroupNorm(groups, channels), nn.SiLU(), last)
+    raise ValueError(f"unknown regressor head {kind!r}; valid: conv1x1, small")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+class HeatmapRegressor(nn.Module):
+    """UNet2DModel body + new K-channel head in place of `unet.conv_out`; see the module doc."""
+
+    def __init__(self, unet: UNet2DModel, cfg: RegressorConfig, num_landmarks: int,
+                 alphas_cumprod: Optional[torch.Tensor] = None):
+        super().__init__()
+        c = unet.config
+        if c.in_channels != 1:
+            raise ValueError(f"the regressor needs a 1-channel U-Net, got in_channels={c.in_channels}")
+        if c.time_embedding_type != "positional" or c.class_embed_type is not None \
+                or getattr(unet, "class_embedding", None) is not None:
+            raise ValueError("the regressor supports positional time embedding without class "
+                             "conditioning only")
+        if num_landmarks < 1:
+            raise ValueError(f"num_landmarks must be >= 1, got {num_landmarks}")
+        if cfg.timestep_mode not in ("fixed", "drop"):
+            raise ValueError(f"unknown timestep_mode {cfg.timestep_mode!r}; valid: fixed, drop")
+        if cfg.freeze not in ("none", "encoder", "unet"):
+            raise ValueError(f"unknown freeze {cfg.freeze!r}; valid: none, encoder, unet")
+        if cfg.timestep < 0:
+            raise ValueError(f"timestep must be >= 0, got {cfg.timestep}")
+        self.cfg = cfg
+        self.num_landmarks = num_landmarks
+
+        if cfg.noise_input:
+            if alphas_cumprod is None:
+                raise ValueError("noise_input needs the pretraining scheduler's alphas_cumprod "
+                                 "(pretrained_path/scheduler)")
+            if cfg.timestep >= len(alphas_cumprod):
+                raise ValueError(f"timestep {cfg.timestep} out of range: the scheduler has "
+                                 f"{len(alphas_cumprod)} timesteps")
+            self.register_buffer("alphas_cumprod",
+                                 alphas_cumprod.detach().to(torch.float32).clone())
+        else:
+            self.alphas_cumprod = None
+
+        if cfg.timestep_mode == "drop":
+            unet.time_embedding = _NoTimeEmbedding()
+            for m in unet.modules():
+                if isinstance(m, ResnetBlock2D):
+                    m.time_emb_proj = None
+                    m.time_embedding_norm = "default"    # with temb None: plain norm2
+                elif hasattr(m, "time_emb_proj") or type(m).__name__ == "ResnetBlockCondNorm2D":
+                    raise ValueError(f"cannot drop time conditioning from {type(m).__name__}")
+
+        old = unet.conv_out
+        unet.conv_out = _make_head(cfg.head, old.in_channels, num_landmarks, c.norm_num_groups)
+        self.unet = unet
+
+        if cfg.freeze == "unet":
+            for name, p in self.unet.named_parameters():
+                p.requires_grad_(name.startswith("conv_out."))
+        elif cfg.freeze == "encoder":
+            for mod in (unet.conv_in, unet.time_proj, unet.time_embedding, unet.down_blocks,
+                        unet.mid_block):
+                if mod is not None:
+                    mod.requires_grad_(False)
+
+    @property
+    def head(self) -> nn.Module:
+        return self.unet.conv_out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise ValueError(f"expected images (B, 1, H, W), got {tuple(images.shape)}")
+        b = images.shape[0]
+        t = torch.full((b,), self.cfg.timestep, dtype=torch.long, device=images.device)
+        x = images
+        if self.alphas_cumprod is not None:
+            a = self.alphas_cumprod[self.cfg.timestep].to(torch.float32)
+            x = a.sqrt() * x.float()
+            if self.training:
+                x = x + (1 - a).sqrt() * torch.randn_like(x)
+            x = x.to(images.dtype)
+        return self.unet(x, t).sample
+
+
+def param_groups(model: nn.Module, body_lr: float, head_lr: float,
+                 weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: body / head, each split into decayed (ndim > 1) and not decayed (biases,
+    norms); frozen parameters left out, empty groups dropped. Each group has a "name"."""
+    model = _unwrap(model)
+    head_ids = {id(p) for p in model.head.parameters()}
+    groups: dict[str, dict[str, Any]] = {
+        "body": {"params": [], "lr": body_lr, "weight_decay": weight_decay},
+        "body_no_decay": {"params": [], "lr": body_lr, "weight_decay": 0.0},
+        "head": {"params": [], "lr": head_lr, "weight_decay": weight_decay},
+        "head_no_decay": {"params": [], "lr": head_lr, "weight_decay": 0.0},
+    }
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        name = ("head" if id(p) in head_ids else "body") + ("" if p.ndim > 1 else "_no_decay")
+        groups[name]["params"].append(p)
+    return [{"name": k, **g} for k, g in groups.items() if g["params"]]
+
+
+def _check_export(path: Path) -> None:
+    if not str(path) or not (path / "config.json").is_file():
+        raise FileNotFoundError(f"pretrained_path {str(path)!r} is not a DDPM export folder "
+                                f"(expected {path / 'config.json'}; pass a pretraining run's "
+                                f"export/ folder)")
+
+
+def _levels_factor(unet_config: Any) -> int:
+    return 2 ** (len(unet_config["block_out_channels"]) - 1)
+
+
+def build_regressor(cfg: RegressorConfig, num_landmarks: int, image_size: int) -> HeatmapRegressor:
+    """Pretrained: the exported U-Net; scratch: the same architecture (pretrained_path's
+    config.json, else cfg.preset) at random init. Warns when the exported sample_size differs
+    from image_size (the U-Net is fully convolutional)."""
+    path = Path(cfg.pretrained_path) if cfg.pretrained_path else None
+    if cfg.init == "pretrained":
+        if path is None:
+            raise ValueError("init='pretrained' needs pretrained_path (a pretraining export/)")
+        _check_export(path)
+        unet = UNet2DModel.from_pretrained(path)
+    elif cfg.init == "scratch":
+        if path is not None:
+            _check_export(path)
+            config = dict(UNet2DModel.load_config(path))
+            config["sample_size"] = image_size
+            unet = UNet2DModel.from_config(config)
+        else:
+            unet = build_unet(ModelConfig(preset=cfg.preset), image_size=image_size)
+    else:
+        raise ValueError(f"unknown init {cfg.init!r}; valid: pretrained, scratch")
+
+    factor = _levels_factor(unet.config)
+    if image_size <= 0 or image_size % factor:
+        raise ValueError(f"image_size {image_size} must be a positive multiple of {factor} for "
+                         f"this U-Net ({factor.bit_length()} levels)")
+    if unet.config.sample_size != image_size:
+        warnings.warn(f"the U-Net was pretrained at {unet.config.sample_size} px and is fine-tuned "
+                      f"at {image_size} px (fully convolutional: allowed)", stacklevel=2)
+
+    alphas = None
+    if cfg.noise_input:
+        sched_dir = path / "scheduler" if path is not None else None
+        if sched_dir is None or not (sched_dir / "scheduler_config.json").is_file():
+            raise FileNotFoundError(f"noise_input needs the pretraining scheduler at "
+                                    f"{sched_dir} (pretrained_path/scheduler)")
+        alphas = DDPMScheduler.from_pretrained(sched_dir).alphas_cumprod
+    return HeatmapRegressor(unet, cfg, num_landmarks, alphas)
+
+
+def _unet_config(unet: UNet2DModel) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in dict(unet.config).items() if not k.startswith("_")}
+
+
+def save_regressor(model: nn.Module, out_dir: str | Path) -> None:
+    """out_dir/{regressor.safetensors, regressor.json}, written into a temp folder and renamed
+    into place (a previous out_dir is moved aside, then removed)."""
+    model = _unwrap(model)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+        meta = {"format": FORMAT, "version": 1, "regressor": dataclasses.asdict(model.cfg),
+                "num_landmarks": model.num_landmarks, "unet_config": _unet_config(model.unet)}
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_regressor(out_dir: str | Path, map_location: str | torch.device = "cpu") -> HeatmapRegressor:
+    """Rebuild a regressor written by save_regressor (no pretraining run needed)."""
+    out_dir = Path(out_dir)
+    meta_file = out_dir / META_NAME
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{out_dir} is not a saved regressor (no {META_NAME})")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r}")
+    fields = {f.name for f in dataclasses.fields(RegressorConfig)}
+    cfg = RegressorConfig(**{k: v for k, v in meta["regressor"].items() if k in fields})
+    state = load_file(str(out_dir / WEIGHTS_NAME), device=str(map_location))
+    unet = UNet2DModel.from_config(meta["unet_config"])
+    model = HeatmapRegressor(unet, cfg, int(meta["num_landmarks"]), state.get("alphas_cumprod"))
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location)
