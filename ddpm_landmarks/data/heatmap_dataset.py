@@ -1,0 +1,64 @@
+"""Labelled images as training / evaluation tensors for heatmap regression.
+
+    train = HeatmapDataset(dataset.subset(split.train_ids), cfg.data, cfg.augment, cfg.heatmap,
+                           train=True, seed=cfg.train.seed)
+    item = train[0]   # {"image", "heatmaps", "mask", "landmarks", "to_original", "index"}
+
+Each item goes through LandmarkTransform (resize to the model grid + augmentation, landmarks moved
+with the same matrix) and make_targets. `to_original` (model grid -> original pixels) travels
+with the item, so a prediction decoded on the model grid is mapped back exactly, per image.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ddpm_landmarks.config import AugmentConfig, DataConfig, HeatmapConfig
+from ddpm_landmarks.data.heatmaps import make_targets
+from ddpm_landmarks.data.sample import LandmarkDataset
+from ddpm_landmarks.data.transforms import LandmarkTransform
+
+
+class HeatmapDataset(torch.utils.data.Dataset):
+    def __init__(self, dataset: LandmarkDataset, data_cfg: DataConfig, aug_cfg: AugmentConfig,
+                 heatmap_cfg: HeatmapConfig, train: bool, seed: int = 0):
+        self.dataset = dataset
+        self.size = int(data_cfg.image_size)
+        self.heatmap_cfg = heatmap_cfg
+        self.train = train
+        # Refuses flips without the dataset's left/right permutation (even for evaluation).
+        self.transform = LandmarkTransform(data_cfg, aug_cfg, dataset.flip_permutation,
+                                           train=train, dataset_name=dataset.name)
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(int(seed))
+        self._rng_pid = os.getpid()
+
+    def _current_rng(self) -> Optional[np.random.Generator]:
+        if not self.train:
+            return None
+        # A DataLoader worker holds a copy of the parent's generator: reseed it from the
+        # worker's own torch seed so workers (and epochs) draw different augmentations.
+        if self._rng_pid != os.getpid() and torch.utils.data.get_worker_info() is not None:
+            self.reseed(torch.initial_seed())
+        return self.rng
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.dataset[int(index)]
+        t = self.transform(sample, self._current_rng())
+        heatmaps, mask = make_targets(t.landmarks, (self.size, self.size), self.heatmap_cfg)
+        return {
+            "image": torch.from_numpy(t.image * 2.0 - 1.0).unsqueeze(0),   # [-1, 1] like pretraining
+            "heatmaps": torch.from_numpy(heatmaps),
+            "mask": torch.from_numpy(mask),
+            "landmarks": torch.from_numpy(t.landmarks.astype(np.float32)),  # model grid, NaN = missing
+            "to_original": torch.from_numpy(t.to_original),               # float64 3x3
+            "index": int(index),
+        }
