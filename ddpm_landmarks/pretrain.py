@@ -47,8 +47,6 @@ def pretrain(cfg: PretrainConfig, method_name: str = "ddpm") -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     setup_logging(run_dir if main else None)
-    if cfg.data.image_size % 8:
-        raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of 8")
 
     # ------------------------------------------------------------------ data
     # Every process builds the same image list (pools are sorted; exclusions are exact); only
