@@ -118,6 +118,9 @@ class EvalConfig:
     # hand 2/4/10 mm, ...).
     sdr_thresholds: Optional[list[float]] = None
     sdr_inclusive: bool = True          # error <= threshold counts as detected (the field's habit)
+    flip_tta: bool = False              # average with the flipped image (needs a flip permutation)
+    batch_size: int = 16                # inference batch
+    overlays: int = 3                   # best and worst images drawn with predictions
 
 
 @dataclass

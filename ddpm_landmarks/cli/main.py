@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ddpm_landmarks.cli import data_commands, mean_shape_command, pretrain_command
+from ddpm_landmarks.cli import (data_commands, evaluate_command, finetune_command,
+                                mean_shape_command, pretrain_command)
 from ddpm_landmarks.config import ConfigError
 from ddpm_landmarks.data.sample import DataError
 
@@ -17,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands.add_parser(subparsers)
     mean_shape_command.add_parser(subparsers)
     pretrain_command.add_parser(subparsers)
+    finetune_command.add_parser(subparsers)
+    evaluate_command.add_parser(subparsers)
     return parser
 
 

@@ -37,7 +37,8 @@ def sdr_thresholds(dataset: LandmarkDataset, cfg: EvalConfig) -> list[float]:
 
 def evaluate_predictions(dataset: LandmarkDataset, truths: Sequence[GroundTruth],
                          predictions: np.ndarray, cfg: EvalConfig,
-                         out_dir: Optional[Path] = None, extra: Optional[dict] = None) -> dict:
+                         out_dir: Optional[Path] = None, extra: Optional[dict] = None,
+                         confidence: Optional[np.ndarray] = None) -> dict:
     """Radial errors per image/landmark in the dataset's unit, summary, and result files."""
     predictions = np.asarray(predictions, dtype=np.float64)
     gt = np.stack([t.landmarks for t in truths])
@@ -47,7 +48,7 @@ def evaluate_predictions(dataset: LandmarkDataset, truths: Sequence[GroundTruth]
     summary["unit"] = units[0]
     if out_dir is not None:
         write_results(out_dir, [t.id for t in truths], dataset.landmark_names, predictions, gt,
-                      errors, summary, units[0], extra=extra)
+                      errors, summary, units[0], extra=extra, confidence=confidence)
     summary["errors"] = errors
     return summary
 
@@ -67,7 +68,8 @@ def format_summary(summary: dict, title: str = "") -> str:
 
 def write_overlays(dataset: LandmarkDataset, truths: Sequence[GroundTruth], predictions: np.ndarray,
                    errors: np.ndarray, out_dir: Path, count: int = 3) -> list[Path]:
-    """Overlay PNGs (ground truth green, prediction red) of the best and worst images."""
+    """Overlay PNGs of the best and worst images: ground truth green and numbered, prediction
+    red and labelled "index:error" in the dataset's unit, image MRE in the title."""
     per_image = np.array([np.nanmean(np.where(np.isinf(e), np.nan, e)) if np.isfinite(e).any()
                           else np.inf for e in errors])
     order = np.argsort(per_image)
@@ -80,6 +82,7 @@ def write_overlays(dataset: LandmarkDataset, truths: Sequence[GroundTruth], pred
         # Drawn on the stored image: map both point sets from original to stored pixels.
         title = f"{sample.id}  MRE {per_image[i]:.2f} {dataset.unit}"
         image = visualize.overlay(sample.image, gt=original_to_stored(truths[i].landmarks, scale),
-                                  pred=original_to_stored(predictions[i], scale), title=title)
+                                  pred=original_to_stored(predictions[i], scale), title=title,
+                                  errors=errors[i])
         written.append(visualize.write_png(out_dir / f"{rank}_{sample.id}.png", image))
     return written

@@ -169,12 +169,14 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def write_results(out_dir: str | Path, ids: Sequence[str], names: Sequence[str],
                   pred: np.ndarray, gt: np.ndarray, errors: np.ndarray,
                   summary: dict[str, Any], unit: str,
-                  extra: Optional[dict[str, Any]] = None) -> dict[str, Path]:
+                  extra: Optional[dict[str, Any]] = None,
+                  confidence: Optional[np.ndarray] = None) -> dict[str, Path]:
     """Write metrics.json, per_landmark.csv and predictions.csv into `out_dir`, atomically.
 
     Coordinates are original pixels as given; in predictions.csv a missing coordinate is an
     empty cell, the error of a miss is "inf" and of a pair without ground truth empty.
-    `extra` (e.g. decoder, checkpoint) is stored in metrics.json as is.
+    `extra` (e.g. decoder, checkpoint) is stored in metrics.json as is. `confidence` (N, K),
+    when given, is one more predictions.csv column (the decoded heatmap peak).
     """
     out_dir = Path(out_dir)
     pred, gt = np.asarray(pred, dtype=np.float64), np.asarray(gt, dtype=np.float64)
@@ -201,7 +203,11 @@ def write_results(out_dir: str | Path, ids: Sequence[str], names: Sequence[str],
 
     rows = [[ids[i], j, names[j], pred[i, j, 0], pred[i, j, 1], gt[i, j, 0], gt[i, j, 1],
              errors[i, j], unit] for i in range(n) for j in range(k)]
-    atomic_write_text(paths["predictions"], _csv_text(
-        ["image", "landmark_index", "name", "x_pred", "y_pred", "x_gt", "y_gt", "error", "unit"],
-        rows))
+    header = ["image", "landmark_index", "name", "x_pred", "y_pred", "x_gt", "y_gt", "error",
+              "unit"]
+    if confidence is not None:
+        confidence = np.asarray(confidence, dtype=np.float64).reshape(n, k)
+        header.append("confidence")
+        rows = [row + [confidence[row_i // k, row_i % k]] for row_i, row in enumerate(rows)]
+    atomic_write_text(paths["predictions"], _csv_text(header, rows))
     return paths

@@ -23,8 +23,10 @@ def _cv_point(p: np.ndarray, shift: int = 4) -> tuple[int, int]:
 
 
 def draw_points(canvas: np.ndarray, points: np.ndarray, colour: tuple[int, int, int],
-                numbered: bool = True, radius: Optional[int] = None) -> np.ndarray:
-    """Draw (K, 2) points (canvas pixels, NaN skipped) as dots with their 0-based index."""
+                numbered: bool = True, radius: Optional[int] = None,
+                labels: Optional[Sequence[str]] = None) -> np.ndarray:
+    """Draw (K, 2) points (canvas pixels, NaN skipped) as dots with their 0-based index
+    (or with `labels[k]` when given)."""
     h, w = canvas.shape[:2]
     radius = radius or max(2, round(min(h, w) / 150))
     font_scale = max(0.3, min(h, w) / 700)
@@ -32,18 +34,20 @@ def draw_points(canvas: np.ndarray, points: np.ndarray, colour: tuple[int, int, 
         if np.isnan(p).any():
             continue
         cv2.circle(canvas, _cv_point(p), radius << 4, colour, -1, cv2.LINE_AA, shift=4)
-        if numbered:
+        if numbered or labels is not None:
+            text = labels[k] if labels is not None else str(k)
             org = (int(p[0]) + radius + 1, int(p[1]) - radius - 1)
-            cv2.putText(canvas, str(k), org, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0),
+            cv2.putText(canvas, text, org, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0),
                         3, cv2.LINE_AA)
-            cv2.putText(canvas, str(k), org, cv2.FONT_HERSHEY_SIMPLEX, font_scale, colour, 1,
+            cv2.putText(canvas, text, org, cv2.FONT_HERSHEY_SIMPLEX, font_scale, colour, 1,
                         cv2.LINE_AA)
     return canvas
 
 
 def overlay(image: np.ndarray, gt: Optional[np.ndarray] = None, pred: Optional[np.ndarray] = None,
-            title: str = "") -> np.ndarray:
-    """Image with ground truth (green), prediction (red) and a line joining each pair."""
+            title: str = "", errors: Optional[np.ndarray] = None) -> np.ndarray:
+    """Image with ground truth (green, numbered), prediction (red) and a line joining each pair.
+    With `errors` (K,) each prediction is labelled "index:error" (a miss has no dot)."""
     canvas = to_bgr(image)
     if gt is not None and pred is not None:
         for g, p in zip(gt, pred):
@@ -52,7 +56,10 @@ def overlay(image: np.ndarray, gt: Optional[np.ndarray] = None, pred: Optional[n
     if gt is not None:
         draw_points(canvas, gt, GT_COLOUR)
     if pred is not None:
-        draw_points(canvas, pred, PRED_COLOUR, numbered=gt is None)
+        labels = None
+        if errors is not None:
+            labels = [f"{k}:{e:.1f}" if np.isfinite(e) else f"{k}:-" for k, e in enumerate(errors)]
+        draw_points(canvas, pred, PRED_COLOUR, numbered=gt is None, labels=labels)
     if title:
         scale = max(0.35, canvas.shape[1] / 900)
         cv2.putText(canvas, title, (4, int(18 * scale / 0.5)), cv2.FONT_HERSHEY_SIMPLEX, scale,

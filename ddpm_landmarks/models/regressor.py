@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
+import yaml
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.resnet import ResnetBlock2D
 from safetensors.torch import load_file, save_file
@@ -57,6 +58,7 @@ from ddpm_landmarks.training.config import ModelConfig
 
 WEIGHTS_NAME = "regressor.safetensors"
 META_NAME = "regressor.json"
+CONFIG_NAME = "config.yaml"
 FORMAT = "ddpm_landmarks.regressor"
 HEAD_INIT_STD = 1e-3
 
@@ -255,9 +257,10 @@ def _unet_config(unet: UNet2DModel) -> dict[str, Any]:
             for k, v in dict(unet.config).items() if not k.startswith("_")}
 
 
-def save_regressor(model: nn.Module, out_dir: str | Path) -> None:
-    """out_dir/{regressor.safetensors, regressor.json}, written into a temp folder and renamed
-    into place (a previous out_dir is moved aside, then removed)."""
+def save_regressor(model: nn.Module, out_dir: str | Path, config: Optional[dict] = None) -> None:
+    """out_dir/{regressor.safetensors, regressor.json[, config.yaml]}, written into a temp folder
+    and renamed into place (a previous out_dir is moved aside, then removed). `config` is the
+    run's resolved config, kept next to the weights that it produced."""
     model = _unwrap(model)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -268,6 +271,8 @@ def save_regressor(model: nn.Module, out_dir: str | Path) -> None:
         meta = {"format": FORMAT, "version": 1, "regressor": dataclasses.asdict(model.cfg),
                 "num_landmarks": model.num_landmarks, "unet_config": _unet_config(model.unet)}
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
+        if config is not None:
+            (tmp / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -1,4 +1,4 @@
-"""Config sections of training runs (pretraining now; fine-tuning and SSL baselines reuse them).
+"""Config sections of training runs, shared by pretraining, fine-tuning and SSL baselines.
 
     cfg = load_config("configs/pretrain/synthetic.yaml", overrides, cls=PretrainConfig)
 """
@@ -57,6 +57,10 @@ class TrainConfig:
     channels_last: bool = False
     log_every: int = 10
     image_every: int = 500              # sample / reconstruction grids; 0 = never
+    # Validation (fine-tuning): every eval_every optimiser steps the method's validation runs
+    # (val MRE on the few-shot validation images); the best weights are kept in run_dir/best.
+    eval_every: int = 0                 # 0 = never
+    early_stopping_patience: int = 0    # stop after this many evaluations without improvement; 0 = off
     seed: int = 0
 
 

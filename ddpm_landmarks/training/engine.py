@@ -1,14 +1,22 @@
-"""The one training engine: DDPM pretraining now, SSL baselines and fine-tuning later.
+"""The one training engine, shared by DDPM pretraining, the SSL baselines and fine-tuning.
 
     trainer = Trainer(method, train_dataset, cfg.train, cfg.optim, run_dir, to_dict(cfg),
-                      log_with="wandb", init_trackers=..., log_images=...)
-    summary = trainer.fit()      # {"step", "epoch", "loss", "images_per_s"}
+                      log_with="wandb", init_trackers=..., log_images=...,
+                      param_groups=None, validate=None)
+    summary = trainer.fit()      # {"step", "epoch", "loss", "images_per_s", "best", ...}
 
 Everything is counted in OPTIMISER steps (cfg.max_steps, log/image/checkpoint intervals, the
 LR schedule, the EMA); one optimiser step = grad_accum micro-batches on every process.
 Resuming restores weights, EMA, optimiser, schedule, RNG and the position in the data: the
 shuffle order of an epoch depends only on (seed, epoch), and the batches of the interrupted
 epoch that were already used are skipped.
+
+Validation (fine-tuning): `validate(model) -> {"val/mre": ..., ...}` runs on the main process
+every cfg.eval_every steps and at the end, under the EMA weights when there is an EMA. Its
+`monitor` value (lower is better) decides: a new best is exported to run_dir/best; the
+"plateau" lr schedule is told; after cfg.early_stopping_patience validations without a new
+best, training stops. The best value, its step and the patience count are part of the
+checkpoint, so a resumed run keeps the same best model and the same stopping decision.
 """
 from __future__ import annotations
 
@@ -25,8 +33,9 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, send_to_device
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm.auto import tqdm
 
 from ddpm_landmarks.training.checkpoint import (read_trainer_state, resolve_resume,
@@ -37,6 +46,7 @@ from ddpm_landmarks.training.optim import build_optimizer, build_scheduler
 log = logging.getLogger(__name__)
 
 ImageLogger = Callable[[Accelerator, dict, int], None]
+Validator = Callable[[torch.nn.Module], dict]
 
 
 def _no_image_logging(accelerator: Accelerator, images: dict, step: int) -> None:
@@ -98,8 +108,17 @@ class Trainer:
     def __init__(self, method, train_dataset: Dataset, cfg: TrainConfig, optim_cfg: OptimConfig,
                  run_dir: Path, config_dict: dict, *, log_with=None,
                  init_trackers: Optional[Callable[[Accelerator], None]] = None,
-                 log_images: Optional[ImageLogger] = None, shuffle: bool = True):
+                 log_images: Optional[ImageLogger] = None, shuffle: bool = True,
+                 param_groups: Optional[list[dict]] = None,
+                 validate: Optional[Validator] = None, monitor: str = "val/mre"):
         self.method, self.cfg, self.optim_cfg, self.run_dir = method, cfg, optim_cfg, Path(run_dir)
+        self.validate_fn, self.monitor = validate, monitor
+        if cfg.early_stopping_patience and not (validate and cfg.eval_every):
+            raise ValueError("train.early_stopping_patience needs validation: set "
+                             "train.eval_every > 0 and validation images")
+        if getattr(optim_cfg, "schedule", "") == "plateau" and not (validate and cfg.eval_every):
+            raise ValueError("optim.schedule=plateau needs validation: set train.eval_every > 0 "
+                             "and validation images")
         self.config_dict = config_dict
         self.log_images_fn = log_images or _no_image_logging
         self.history: list[dict] = []      # what was logged (main process), for tests / summaries
@@ -121,7 +140,7 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         if cfg.compile:
             model.compile()                # in place: state_dict keys stay unprefixed
-        optimizer = build_optimizer(model, optim_cfg)
+        optimizer = build_optimizer(model, optim_cfg, param_groups)
         scheduler = build_scheduler(optimizer, optim_cfg, total_steps=cfg.max_steps)
 
         # ------------------------------------------------------------------ data
@@ -158,6 +177,8 @@ class Trainer:
         self.batches_in_epoch = 0  # micro-batches of self.epoch already consumed
         self.loss_generator = torch.Generator(device=acc.device)
         self._last_saved = -1     # step of the newest checkpoint of this run
+        self.best_value, self.best_step, self.bad_evals = math.inf, -1, 0
+        self.stopped_early = False
         self._resume(resolve_resume(self.run_dir, cfg.resume))
 
     # ---------------------------------------------------------------------- helpers
@@ -179,6 +200,9 @@ class Trainer:
                         "of the interrupted epoch is only approximate")
         self.step, self.micro_step = state["step"], state["micro_step"]
         self._last_saved = self.step
+        self.best_value = state.get("best_value", math.inf)
+        self.best_step, self.bad_evals = state.get("best_step", -1), state.get("bad_evals", 0)
+        self.stopped_early = state.get("stopped_early", False)
         self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
         if self.batches_in_epoch >= len(self.loader):      # saved on the epoch's last batch
             self.epoch, self.batches_in_epoch = self.epoch + 1, 0
@@ -190,7 +214,9 @@ class Trainer:
                  "batches_in_epoch": self.batches_in_epoch,
                  "config_hash": config_hash(self.config_dict),
                  "num_processes": self.accelerator.num_processes,
-                 "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum}
+                 "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum,
+                 "best_value": self.best_value, "best_step": self.best_step,
+                 "bad_evals": self.bad_evals, "stopped_early": self.stopped_early}
         save_checkpoint(self.accelerator, self.run_dir, self.step, extra,
                         keep=self.cfg.keep_checkpoints)
         self._last_saved = self.step
@@ -203,14 +229,14 @@ class Trainer:
         seed = self.cfg.seed * 1_000_003 + self.micro_step
         self.loss_generator.manual_seed(seed % 2**63)
 
-    def _images_batch(self) -> torch.Tensor:
+    def _images_batch(self):
         """A fixed batch (first items of the dataset) for reconstruction-type image logs."""
         dataset = self.loader.dataset
         items = [dataset[i] for i in range(min(self.cfg.batch_size, len(dataset)))]
-        return torch.stack(items).to(self.accelerator.device)
+        return send_to_device(default_collate(items), self.accelerator.device)
 
-    def _log_images(self) -> None:
-        """Method's image grids under the EMA weights, main process only, global RNG untouched."""
+    def _with_eval_weights(self, fn: Callable[[torch.nn.Module], object]):
+        """fn(model) under the EMA weights in eval mode, global RNG untouched; weights restored."""
         model = self._unwrapped()
         devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -220,23 +246,56 @@ class Trainer:
             model.eval()
             try:
                 with torch.no_grad():
-                    images = self.method.log_images(model, self._images_batch())
+                    return fn(model)
             finally:
                 model.train()
                 if self.ema is not None:
                     self.ema.restore(model.parameters())
+
+    def _log_images(self) -> None:
+        """Method's image grids under the EMA weights, main process only."""
+        images = self._with_eval_weights(
+            lambda model: self.method.log_images(model, self._images_batch()))
         self.log_images_fn(self.accelerator, images, self.step)
 
+    def _validate(self) -> dict:
+        """Validation on the main process (collective: every process must call it together).
+        Returns the values logged; exports a new best; decides early stopping."""
+        acc = self.accelerator
+        payload = [None]
+        if acc.is_main_process:
+            values = self._with_eval_weights(self.validate_fn)
+            value = float(values[self.monitor])
+            improved = value < self.best_value
+            if improved:
+                self.best_value, self.best_step, self.bad_evals = value, self.step, 0
+                self._with_eval_weights(lambda model: self.method.export(
+                    model, self.run_dir / "best", self.config_dict))
+            else:
+                self.bad_evals += 1
+            payload = [(values, self.best_value, self.best_step, self.bad_evals)]
+        broadcast_object_list(payload, from_process=0)
+        values, self.best_value, self.best_step, self.bad_evals = payload[0]
+        lr_fn = getattr(self.scheduler, "scheduler", self.scheduler).lr_lambdas[0]
+        if hasattr(lr_fn, "report"):               # the "plateau" schedule
+            lr_fn.report(float(values[self.monitor]))
+        patience = self.cfg.early_stopping_patience
+        if patience and self.bad_evals >= patience:
+            self.stopped_early = True
+            log.info("early stopping at step %d: no better %s than %.4f (step %d) for %d "
+                     "validations", self.step, self.monitor, self.best_value, self.best_step,
+                     patience)
+        values = {**values, f"{self.monitor}_best": self.best_value}
+        acc.log(values, step=self.step)
+        if acc.is_main_process:
+            self.history.append({"step": self.step, **values})
+            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": self.step, **values}) + "\n")
+        return values
+
     def _export(self) -> None:
-        model = self._unwrapped()
-        if self.ema is not None:
-            self.ema.store(model.parameters())
-            self.ema.copy_to(model.parameters())
-        try:
-            self.method.export(model, self.run_dir / "export", self.config_dict)
-        finally:
-            if self.ema is not None:
-                self.ema.restore(model.parameters())
+        self._with_eval_weights(
+            lambda model: self.method.export(model, self.run_dir / "export", self.config_dict))
 
     # ---------------------------------------------------------------------- training loop
     def fit(self) -> dict:
@@ -252,7 +311,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train",
                    disable=not acc.is_local_main_process)
 
-        while self.step < cfg.max_steps:
+        while self.step < cfg.max_steps and not self.stopped_early:
             # -------------------------------------------------------------- epoch start
             self.sampler.set_epoch(self.epoch)
             self.loader.set_epoch(self.epoch)      # accelerate re-applies its own counter
@@ -263,7 +322,7 @@ class Trainer:
 
             for batch in loader:
                 # ---------------------------------------------------------- micro-step
-                if cfg.channels_last and batch.ndim == 4:
+                if cfg.channels_last and isinstance(batch, torch.Tensor) and batch.ndim == 4:
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 with acc.accumulate(self.model):
                     self._reseed_loss_generator()
@@ -326,9 +385,12 @@ class Trainer:
 
                 if cfg.image_every and self.step % cfg.image_every == 0 and acc.is_main_process:
                     self._log_images()
+                if self.validate_fn is not None and cfg.eval_every and (
+                        self.step % cfg.eval_every == 0 or at_end):
+                    self._validate()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self._save()
-                if self.step >= cfg.max_steps:
+                if self.step >= cfg.max_steps or self.stopped_early:
                     break
             else:
                 # ---------------------------------------------------------- epoch end
@@ -344,7 +406,9 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()
         return {"step": self.step, "epoch": self.epoch, "loss": last_loss,
-                "images_per_s": (self.step - start_step) * images_per_step / max(elapsed, 1e-9)}
+                "images_per_s": (self.step - start_step) * images_per_step / max(elapsed, 1e-9),
+                "best": self.best_value, "best_step": self.best_step,
+                "stopped_early": self.stopped_early}
 
 
 def train(method, train_dataset: Dataset, cfg: TrainConfig, optim_cfg: OptimConfig,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
 
@@ -35,8 +36,45 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine",
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; biases and normalisation weights (1-d tensors) get no weight decay."""
+class WarmupPlateauFactor:
+    """lr multiplier for the "plateau" schedule: linear warm-up, then `scale`, which is
+    multiplied by `factor` after `patience` validations without improvement (lower is better).
+
+    A callable object rather than a function so that LambdaLR's state_dict stores its
+    attributes: the plateau state survives a resume. The engine calls report() per validation.
+    """
+
+    def __init__(self, warmup: int, factor: float, patience: int, min_ratio: float = 0.0):
+        if not 0 < factor < 1:
+            raise ValueError(f"plateau_factor must be in (0, 1), got {factor}")
+        if patience < 1:
+            raise ValueError(f"plateau_patience must be >= 1, got {patience}")
+        self.warmup, self.factor, self.patience, self.min_ratio = warmup, factor, patience, min_ratio
+        self.scale, self.best, self.bad = 1.0, math.inf, 0
+
+    def report(self, value: float) -> None:
+        if value < self.best:
+            self.best, self.bad = value, 0
+            return
+        self.bad += 1
+        if self.bad >= self.patience:
+            self.scale, self.bad = max(self.min_ratio, self.scale * self.factor), 0
+
+    def __call__(self, step: int) -> float:
+        if self.warmup > 0 and step < self.warmup:
+            return (step + 1) / self.warmup
+        return self.scale
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
+                    param_groups: Optional[list[dict]] = None) -> torch.optim.AdamW:
+    """AdamW; biases and normalisation weights (1-d tensors) get no weight decay.
+
+    `param_groups` (e.g. models.regressor.param_groups: body and head at different lrs)
+    replaces the default single-lr grouping; each group keeps its own lr and weight decay.
+    """
+    if param_groups is not None:
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas))
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.weight_decay > 0:
         decay = [p for p in params if p.ndim > 1]
@@ -50,7 +88,12 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR over lr_factor; a partial (not a lambda) so the scheduler state pickles."""
+    """LambdaLR over lr_factor; a partial (not a lambda) so the scheduler state pickles.
+    schedule "plateau" uses WarmupPlateauFactor (fed by the engine's validations)."""
+    if cfg.schedule == "plateau":
+        plateau = WarmupPlateauFactor(cfg.warmup_steps, cfg.plateau_factor, cfg.plateau_patience,
+                                      cfg.min_lr_ratio)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, plateau)
     fn = functools.partial(_factor_for_lambda, warmup=cfg.warmup_steps, total=total_steps,
                            schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

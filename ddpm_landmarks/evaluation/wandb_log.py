@@ -1,0 +1,44 @@
+"""Evaluation results to W&B: a run in the training run's group with the summary numbers, the
+per-landmark table, the per-image predictions table and the overlay images.
+
+Offline (a local run under run_dir/wandb/) when there is no API key, like training.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Optional
+
+from ddpm_landmarks.training.trackers import resolve_wandb_mode
+
+
+def _table(wandb, csv_path: Path):
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    return wandb.Table(columns=rows[0], data=rows[1:])
+
+
+def log_evaluation(logger_cfg, run_dir: Path, name: str, summary: dict,
+                   out_dir: Path) -> Optional[str]:
+    """Log one evaluation; returns the W&B run folder (None when W&B is off)."""
+    if logger_cfg.kind != "wandb":
+        return None
+    mode = resolve_wandb_mode(logger_cfg.wandb_mode)
+    if mode == "disabled":
+        return None
+    import wandb
+    run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity or None, mode=mode,
+                     dir=str(run_dir), name=name, group=run_dir.name, job_type="evaluate",
+                     reinit="create_new")
+    try:
+        values = {"mre": summary["mre"], "sd": summary["sd"], "median": summary["median"],
+                  "n": summary["n"], "missed": summary["missed"]}
+        values.update({f"sdr@{t:g}": v for t, v in summary["sdr"].items()})
+        run.summary.update({f"eval/{k}": v for k, v in values.items()})
+        run.log({"eval/per_landmark": _table(wandb, out_dir / "per_landmark.csv"),
+                 "eval/predictions": _table(wandb, out_dir / "predictions.csv"),
+                 "eval/overlays": [wandb.Image(str(p), caption=Path(p).stem)
+                                   for p in summary.get("overlays", [])]})
+        return run.dir
+    finally:
+        run.finish()

@@ -1,0 +1,68 @@
+"""Config of a fine-tuning run: the labelled data sections of the foundation plus model, loss,
+optimiser, engine and logger sections.
+
+    cfg = load_config("configs/finetune/isbi2015.yaml", ["fewshot.budget=10"], cls=FinetuneConfig)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ddpm_landmarks.config import (AugmentConfig, DataConfig, DecoderConfig, EvalConfig,
+                                   FewShotConfig, HeatmapConfig, RunConfig)
+from ddpm_landmarks.models.regressor import RegressorConfig
+from ddpm_landmarks.training.config import LoggerConfig, OptimConfig, TrainConfig
+
+
+@dataclass
+class LossConfig:
+    name: Literal["mse", "bce", "softmax_ce"] = "mse"
+    foreground_weight: float = 1.0      # mse: weight of pixels with target > foreground_threshold
+    foreground_threshold: float = 0.1
+    pos_weight: Optional[float] = None  # bce: weight of the positive term
+    softmax_threshold: float = 0.5      # softmax_ce: target pixels > threshold form the class
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of training.heatmap_losses.LOSSES[name]."""
+        if self.name == "mse":
+            return {"foreground_weight": self.foreground_weight,
+                    "foreground_threshold": self.foreground_threshold}
+        if self.name == "bce":
+            return {"pos_weight": self.pos_weight}
+        return {"threshold": self.softmax_threshold}
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """AdamW with per-part learning rates: `lr` for the pretrained body, `head_lr` for the new
+    head (None = lr). "plateau" = warm-up, then the lr is multiplied by plateau_factor after
+    plateau_patience evaluations without a better validation MRE (needs train.eval_every)."""
+    lr: float = 1e-4
+    head_lr: Optional[float] = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "constant", "plateau"] = "cosine"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
+
+
+def _finetune_train() -> TrainConfig:
+    # Few labelled images: short runs, EMA off by default (best-by-validation instead).
+    return TrainConfig(max_steps=1000, batch_size=8, ema=False, ema_decay=0.999,
+                       checkpoint_every=250, image_every=0, log_every=10, eval_every=100)
+
+
+@dataclass
+class FinetuneConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    heatmap: HeatmapConfig = field(default_factory=HeatmapConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: RegressorConfig = field(default_factory=RegressorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    train: TrainConfig = field(default_factory=_finetune_train)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
