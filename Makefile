@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNS   ?= runs
 
-.PHONY: install demo test clean bench-pretrain
+.PHONY: install demo test clean bench bench-pretrain bench-finetune
 
 # pip resolves torch/torchvision from the registry (CUDA builds, which also run on CPU).
 $(STAMP): pyproject.toml
@@ -20,7 +20,11 @@ demo: install
 	$(BIN)/ddpm-landmarks data inspect configs/synthetic.yaml
 	$(BIN)/ddpm-landmarks data preview configs/synthetic.yaml --out $(RUNS)/demo/preview.png
 	$(BIN)/ddpm-landmarks pretrain configs/pretrain/synthetic.yaml run.output_dir=$(RUNS) run.name=demo_pretrain
-	$(BIN)/ddpm-landmarks mean-shape configs/synthetic.yaml run.output_dir=$(RUNS) run.name=demo
+	$(BIN)/ddpm-landmarks finetune configs/finetune/synthetic.yaml run.output_dir=$(RUNS) run.name=demo_finetune \
+		model.pretrained_path=$(RUNS)/demo_pretrain/export
+	$(BIN)/ddpm-landmarks evaluate $(RUNS)/demo_finetune --split test1
+	$(BIN)/ddpm-landmarks mean-shape configs/synthetic.yaml run.output_dir=$(RUNS) run.name=demo_mean_shape \
+		data.image_size=64
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -31,4 +35,7 @@ clean:
 bench-pretrain: install
 	$(BIN)/python experiments/bench/bench_pretrain.py
 
-bench: bench-pretrain
+bench-finetune: install
+	$(BIN)/python experiments/bench/bench_finetune.py
+
+bench: bench-pretrain bench-finetune

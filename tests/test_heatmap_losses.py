@@ -138,9 +138,11 @@ def test_masked_channel_has_no_effect_and_zero_grad(name):
     loss = heatmap_loss(name, pred2, tgt, mask)
     assert loss.item() == pytest.approx(base.item(), rel=1e-6)
     # the mean is over present channels only: equal to the mean of the per-channel losses
+    # (channel_ce couples the channels through its softmax: no per-channel split)
     per = [heatmap_loss(name, pred[i:i + 1, j:j + 1], tgt[i:i + 1, j:j + 1], None).item()
            for i in range(2) for j in range(3) if mask[i, j]]
-    assert base.item() == pytest.approx(sum(per) / len(per), rel=1e-6)
+    if name != "channel_ce":
+        assert base.item() == pytest.approx(sum(per) / len(per), rel=1e-6)
     pred3 = pred.clone()
     pred3[0, 1] = 5.0
     pred3.requires_grad_(True)
@@ -189,7 +191,7 @@ def test_bfloat16_inputs_return_float32(name):
 
 
 def test_registry_and_errors():
-    assert set(LOSSES) == {"mse", "bce", "softmax_ce"}
+    assert set(LOSSES) == {"mse", "bce", "softmax_ce", "channel_ce"}
     assert heatmap_loss("mse", MSE_PRED, MSE_TGT, ALL, foreground_weight=3.0).item() == \
         pytest.approx(mse_heatmap_loss(MSE_PRED, MSE_TGT, ALL, foreground_weight=3.0).item())
     with pytest.raises(ValueError, match="bce.*mse.*softmax_ce"):
@@ -198,3 +200,27 @@ def test_registry_and_errors():
         mse_heatmap_loss(MSE_PRED, MSE_TGT[:, :1], ALL)
     with pytest.raises(ValueError):
         mse_heatmap_loss(MSE_PRED, MSE_TGT, torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_channel_ce_equals_the_released_code_loss():
+    """channel_ce is nn.CrossEntropyLoss()(pred, binary disc heatmaps) of the released code."""
+    from ddpm_landmarks.training.heatmap_losses import channel_softmax_ce_loss
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 3, 8, 8, generator=g)
+    target = torch.rand(2, 3, 8, 8, generator=g)
+    discs = (target > 0.5).float()
+    expected = torch.nn.CrossEntropyLoss()(pred, discs)
+    assert torch.allclose(channel_softmax_ce_loss(pred, target, None), expected, atol=1e-6)
+    # A masked channel leaves the softmax: the loss of the other channels alone.
+    mask = torch.tensor([[True, False, True], [True, True, True]])
+    pred_masked = pred.clone()
+    pred_masked[0, 1] = -1e9
+    discs_masked = discs.clone()
+    discs_masked[0, 1] = 0
+    expected = torch.nn.CrossEntropyLoss()(pred_masked, discs_masked)
+    assert torch.allclose(channel_softmax_ce_loss(pred, target, mask), expected, atol=1e-6)
+    # Hand value: one pixel, two channels, target channel 0: -log(e^2 / (e^2 + e^0)).
+    p = torch.tensor([2.0, 0.0]).view(1, 2, 1, 1)
+    t = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
+    assert channel_softmax_ce_loss(p, t, None).item() == pytest.approx(
+        -math.log(math.exp(2) / (math.exp(2) + 1)), rel=1e-6)

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ddpm_landmarks.cli import (data_commands, evaluate_command, finetune_command,
-                                mean_shape_command, pretrain_command)
+                                mean_shape_command, predict_command, pretrain_command)
 from ddpm_landmarks.config import ConfigError
 from ddpm_landmarks.data.sample import DataError
 
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain_command.add_parser(subparsers)
     finetune_command.add_parser(subparsers)
     evaluate_command.add_parser(subparsers)
+    predict_command.add_parser(subparsers)
     return parser
 
 

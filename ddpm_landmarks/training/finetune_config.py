@@ -16,11 +16,13 @@ from ddpm_landmarks.training.config import LoggerConfig, OptimConfig, TrainConfi
 
 @dataclass
 class LossConfig:
-    name: Literal["mse", "bce", "softmax_ce"] = "mse"
+    # mse / bce / softmax_ce (spatial softmax) / channel_ce (the released code's
+    # nn.CrossEntropyLoss over landmark channels); see training/heatmap_losses.py.
+    name: Literal["mse", "bce", "softmax_ce", "channel_ce"] = "mse"
     foreground_weight: float = 1.0      # mse: weight of pixels with target > foreground_threshold
     foreground_threshold: float = 0.1
     pos_weight: Optional[float] = None  # bce: weight of the positive term
-    softmax_threshold: float = 0.5      # softmax_ce: target pixels > threshold form the class
+    softmax_threshold: float = 0.5      # softmax_ce / channel_ce: target > threshold = the class
 
     def kwargs(self) -> dict:
         """Keyword arguments of training.heatmap_losses.LOSSES[name]."""

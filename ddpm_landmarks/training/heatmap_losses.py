@@ -94,8 +94,9 @@ def bce_heatmap_loss(pred_logits: Tensor, target: Tensor, mask: Optional[Tensor]
 
 def spatial_softmax_ce_loss(pred_logits: Tensor, target: Tensor, mask: Optional[Tensor],
                             threshold: float = 0.5, on_empty: str = "mask") -> Tensor:
-    """The original DDPM-landmark loss: cross-entropy between a softmax over all H*W pixels of
-    a channel and the thresholded target normalised to a distribution over pixels.
+    """Spatial cross-entropy: a softmax over all H*W pixels of a channel against the
+    thresholded target normalised to a distribution over pixels (the disc targets of the
+    original code; see channel_softmax_ce_loss for its literal loss, a softmax over channels).
 
     q = (target > threshold) / count;  per channel: -sum_pixels q * log_softmax(pred);
     then the mean over present channels. With a single-pixel target this is exactly
@@ -128,10 +129,33 @@ def spatial_softmax_ce_loss(pred_logits: Tensor, target: Tensor, mask: Optional[
     return _masked_channel_mean(per_channel.reshape(b, k), mask)
 
 
+def channel_softmax_ce_loss(pred_logits: Tensor, target: Tensor, mask: Optional[Tensor],
+                            threshold: float = 0.5) -> Tensor:
+    """The released DDPM-landmark code, literally: `nn.CrossEntropyLoss()(pred, heatmaps)` with
+    (B, K, H, W) binary disc targets, i.e. at every pixel a softmax over the K LANDMARK
+    CHANNELS against the (target > threshold) indicator, averaged over all B*H*W pixels.
+
+    Pixels outside every disc have an all-zero target and contribute 0 (there is no
+    background class); a pixel inside two overlapping discs counts both. A masked (missing)
+    landmark is taken out of the softmax altogether (its logits replaced by -1e9, which the
+    released code, without missing landmarks, never needed), so it has no effect and zero
+    gradient. Unlike the other losses the reduction is over pixels, as torch's "mean" does
+    for probability targets, so the loss does not split into per-channel terms.
+    """
+    pred_logits, target, mask = _prepare(pred_logits, target, mask)
+    present = mask[..., None, None]
+    hard = (target > threshold).float() * present.float()
+    logits = torch.where(present, pred_logits, torch.full_like(pred_logits, -1e9))
+    log_p = torch.log_softmax(logits, dim=1)
+    b, _, h, w = pred_logits.shape
+    return -(hard * log_p).sum() / float(b * h * w)
+
+
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "mse": mse_heatmap_loss,
     "bce": bce_heatmap_loss,
     "softmax_ce": spatial_softmax_ce_loss,
+    "channel_ce": channel_softmax_ce_loss,
 }
 
 
