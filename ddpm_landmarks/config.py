@@ -10,6 +10,7 @@ silently except the two conversions YAML cannot express (int -> float, list -> t
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -146,6 +147,9 @@ class ExperimentConfig:
 # Building a dataclass from plain data, with checks
 # ----------------------------------------------------------------------------------------------
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -203,6 +207,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     # Scalars. bool is a subclass of int in Python: refuse it where a number is meant.
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads exponent forms without a dot (1e-4, -1e9) as strings.
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -96,3 +96,15 @@ def test_yaml_bare_no_is_the_string_no_for_string_choices():
     assert cfg.train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="bf16"):
         load_config(None, ["train.mixed_precision=yes"], cls=PretrainConfig)
+
+
+def test_exponent_floats_without_a_dot():
+    """YAML 1.1 reads `1e-4` as a string; a float field still takes it (and only it)."""
+    from ddpm_landmarks.training.finetune_config import FinetuneConfig
+    cfg = load_config(None, ["optim.lr=1e-4", "optim.head_lr=2E-3", "loss.foreground_weight=1e1"],
+                      cls=FinetuneConfig)
+    assert (cfg.optim.lr, cfg.optim.head_lr, cfg.loss.foreground_weight) == (1e-4, 2e-3, 10.0)
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(None, ["optim.lr=fast"], cls=FinetuneConfig)
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_config(None, ["train.max_steps=1e3"], cls=FinetuneConfig)

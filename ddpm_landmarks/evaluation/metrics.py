@@ -157,7 +157,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -199,7 +199,7 @@ def write_results(out_dir: str | Path, ids: Sequence[str], names: Sequence[str],
 
     header = list(table[0].keys()) if table else ["landmark_index", "name"]
     atomic_write_text(paths["per_landmark"],
-                      _csv_text(header, [[row[h] for h in header] for row in table]))
+                      csv_text(header, [[row[h] for h in header] for row in table]))
 
     rows = [[ids[i], j, names[j], pred[i, j, 0], pred[i, j, 1], gt[i, j, 0], gt[i, j, 1],
              errors[i, j], unit] for i in range(n) for j in range(k)]
@@ -209,5 +209,5 @@ def write_results(out_dir: str | Path, ids: Sequence[str], names: Sequence[str],
         confidence = np.asarray(confidence, dtype=np.float64).reshape(n, k)
         header.append("confidence")
         rows = [row + [confidence[row_i // k, row_i % k]] for row_i, row in enumerate(rows)]
-    atomic_write_text(paths["predictions"], _csv_text(header, rows))
+    atomic_write_text(paths["predictions"], csv_text(header, rows))
     return paths

@@ -35,7 +35,7 @@ from ddpm_landmarks.data.image_io import IMAGE_SUFFIXES, read_image
 from ddpm_landmarks.data.sample import DataError
 from ddpm_landmarks.data.transforms import map_to_original, original_to_model_matrix, warp_image
 from ddpm_landmarks.evaluation import visualize
-from ddpm_landmarks.evaluation.metrics import _csv_text
+from ddpm_landmarks.evaluation.metrics import csv_text
 from ddpm_landmarks.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ def prediction_rows(result: PredictResult) -> list[list]:
 def write_predictions_csv(result: PredictResult, path: str | Path) -> Path:
     """image,landmark_index,name,x,y,confidence,width,height; coordinates in the file's pixels
     at full precision (repr), a missing landmark has empty x, y and confidence 0. Atomic."""
-    return atomic_write_text(Path(path), _csv_text(CSV_HEADER, prediction_rows(result)))
+    return atomic_write_text(Path(path), csv_text(CSV_HEADER, prediction_rows(result)))
 
 
 def read_predictions_csv(path: str | Path) -> dict[str, dict]:
