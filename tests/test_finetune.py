@@ -4,6 +4,10 @@ ISBI x-rays the fine-tuned model beats the mean-shape predictor."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +261,43 @@ def test_isbi_64px_20_labels_beats_mean_shape(shared_data, tmp_path):
           f"(missed {summary['missed']}), mean shape {baseline['mre']:.2f} mm")
     assert summary["mre"] < baseline["mre"]
     assert summary["sdr"][4.0] > baseline["sdr"]["4"]
+
+
+# ----------------------------------------------------------------------------------------------
+# accelerate launch: 2 processes x batch 2 == 1 process x batch 4, validation on rank 0
+# ----------------------------------------------------------------------------------------------
+
+def test_accelerate_launch_two_processes_matches_one_process(synth_root, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = {**SYNTH, **NO_AUGMENT, "data.root": synth_root, "model.init": "scratch",
+              "model.pretrained_path": "''", "fewshot.budget": 8, "train.max_steps": 4,
+              "train.eval_every": 2, "train.early_stopping_patience": 5,
+              "train.checkpoint_every": 2, "train.num_workers": 0, "train.log_every": 1,
+              "logger.kind": "none", "run.output_dir": tmp_path}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "true", "HF_HOME": str(tmp_path / "hf")}
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "-m", "ddpm_landmarks.finetune", "--config", str(FINETUNE),
+           *as_overrides({**common, "train.batch_size": 2, "run.name": "two"})]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finetune(load_config(FINETUNE, as_overrides({**common, "train.batch_size": 4,
+                                                 "run.name": "one"}), cls=FinetuneConfig))
+
+    def rows(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(r) for r in lines]
+
+    two, one = rows("two"), rows("one")
+    assert [r["train/loss"] for r in two if "train/loss" in r] == pytest.approx(
+        [r["train/loss"] for r in one if "train/loss" in r], abs=1e-5)
+    assert [r["val/mre"] for r in two if "val/mre" in r] == pytest.approx(
+        [r["val/mre"] for r in one if "val/mre" in r], rel=1e-4)
+    w_two = load_file(tmp_path / "two" / "export" / "regressor.safetensors")
+    w_one = load_file(tmp_path / "one" / "export" / "regressor.safetensors")
+    assert max((w_two[k] - w_one[k]).abs().max().item() for k in w_one) < 1e-5
+    assert (tmp_path / "two" / "best" / "regressor.json").is_file()
