@@ -105,8 +105,14 @@ def test_synthetic_finetune_from_pretraining_reaches_bound(synth_root, pretraine
     run = tmp_path / "ft"
     assert (run / "best" / "regressor.json").is_file() and (run / "export").is_dir()
     assert len((run / "split_train_ids.txt").read_text().split()) == 50
-    assert cli_main(["evaluate", str(run), "--split", "test1"]) == 0
+    # With a W&B logger (offline here: no API key) the evaluation is also a W&B run.
+    assert cli_main(["evaluate", str(run), "--split", "test1", "logger.kind=wandb",
+                     "logger.wandb_mode=offline"]) == 0
     out = capsys.readouterr().out
+    records = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(records) == 1
+    logged = records[0].read_bytes()
+    assert b"eval/per_landmark" in logged and b"eval/overlays" in logged and b"eval/mre" in logged
     metrics = json.loads((run / "eval_test1" / "metrics.json").read_text())
     assert metrics["n"] == 40 * 8 and metrics["unit"] == "mm" and metrics["split"] == "test1"
     assert f"{metrics['mre']:.3f}" in out
