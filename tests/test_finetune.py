@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = ROOT / "configs" / "finetune" / "synthetic.yaml"
 PRETRAIN = ROOT / "configs" / "pretrain" / "synthetic.yaml"
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
+# No torch_one_thread here: these runs load data in the main process (num_workers=0), so both
+# cores go to the model (1.6x faster than one thread on the 2-core CI machine).
 
 
 def _reset_accelerate():
@@ -116,14 +117,15 @@ def test_synthetic_finetune_from_pretraining_reaches_bound(synth_root, pretraine
     metrics = json.loads((run / "eval_test1" / "metrics.json").read_text())
     assert metrics["n"] == 40 * 8 and metrics["unit"] == "mm" and metrics["split"] == "test1"
     assert f"{metrics['mre']:.3f}" in out
-    # Stated bound: MRE below 1.0 original pixel of the 128-px images (0.5 mm/px at 256 px
-    # means 1 mm per pixel here; one model-grid pixel at 64 px is 2 mm). The mean shape of
-    # the same 50 images is at ~6 mm.
+    # Stated bound: MRE below 0.5 original pixel of the 128-px images (0.5 mm/px at 256 px
+    # means 1 mm per pixel here; one model-grid pixel at 64 px is 2 mm), i.e. a quarter of a
+    # model-grid pixel: only sub-pixel decoding mapped back exactly gets there. Measured
+    # 0.15 px; the mean shape of the same 50 images is at ~6 px.
     mre_px = metrics["mre"] / 1.0
     print(f"synthetic test1, 64 px grid, 50 labels, 150 steps: MRE {mre_px:.3f} px of the "
           f"128-px images, median {metrics['median']:.3f}")
     assert metrics["missed"] == 0
-    assert mre_px < 1.0, metrics
+    assert mre_px < 0.5, metrics
     overlays = sorted(p.name for p in (run / "eval_test1" / "overlays").iterdir())
     assert len(overlays) == 6 and overlays[0].startswith("best_")
     header = (run / "eval_test1" / "predictions.csv").read_text().splitlines()[0]
