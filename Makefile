@@ -19,7 +19,8 @@ install: $(STAMP)
 demo: install
 	$(BIN)/ddpm-landmarks data inspect configs/synthetic.yaml
 	$(BIN)/ddpm-landmarks data preview configs/synthetic.yaml --out $(RUNS)/demo/preview.png
-	$(BIN)/ddpm-landmarks pretrain configs/pretrain/synthetic.yaml run.output_dir=$(RUNS) run.name=demo_pretrain
+	$(BIN)/ddpm-landmarks pretrain configs/pretrain/synthetic.yaml run.output_dir=$(RUNS) run.name=demo_pretrain \
+		train.max_steps=200
 	$(BIN)/ddpm-landmarks finetune configs/finetune/synthetic.yaml run.output_dir=$(RUNS) run.name=demo_finetune \
 		model.pretrained_path=$(RUNS)/demo_pretrain/export
 	$(BIN)/ddpm-landmarks evaluate $(RUNS)/demo_finetune --split test1
