@@ -8,10 +8,6 @@ v-prediction, x0-prediction and min-SNR weighting (Hang et al. 2023) are options
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +19,7 @@ from torchvision.utils import make_grid
 from ddpm_landmarks.methods.base import this_process_slice
 from ddpm_landmarks.models.unet import build_unet
 from ddpm_landmarks.training.config import DiffusionConfig, ModelConfig
+from ddpm_landmarks.utils.atomic import atomic_directory
 
 CONFIG_NAME = "ddpm_landmarks_config.yaml"
 RECON_FRACTIONS = (0.1, 0.4, 0.8)   # of T: t = 50, 200, 400 at the paper's T = 500
@@ -195,27 +192,10 @@ class DDPMMethod:
         is first renamed aside and removed after the swap, so out_dir is, at any moment, the old
         export, the new one, or (between two renames) missing -- never half-written.
         """
-        out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
+        with atomic_directory(out_dir) as tmp:
             _unwrap(model).save_pretrained(tmp, safe_serialization=True)
             self.scheduler.save_pretrained(tmp / "scheduler")
             (tmp / CONFIG_NAME).write_text(yaml.safe_dump(config_dict, sort_keys=False))
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    with open(f, "rb") as fh:
-                        os.fsync(fh.fileno())
-            old = None
-            if out_dir.exists():
-                old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_exported(path: str | Path) -> tuple[UNet2DModel, DDPMScheduler, dict]:
