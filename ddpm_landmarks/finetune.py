@@ -85,8 +85,10 @@ def check_checkpoint_landmarks(ckpt: Path, num_landmarks: int) -> None:
     if not weights.is_file():
         return
     with safe_open(str(weights), framework="pt") as fh:
-        # conv1x1 head: unet.conv_out.bias; small head: unet.conv_out.{0,1,3}.bias (last = 3).
-        heads = sorted(k for k in fh.keys() if k.startswith("unet.conv_out.") and
+        # conv1x1 head: unet.conv_out.bias; small head: unet.conv_out.{0,1,3}.bias (last = 3);
+        # smp baselines: net.segmentation_head.0.bias.
+        heads = sorted(k for k in fh.keys() if k.startswith(("unet.conv_out.",
+                                                              "net.segmentation_head.")) and
                        k.endswith("bias"))
         if not heads:
             raise ConfigError(f"{ckpt} is not a fine-tuning checkpoint (no heatmap head)")

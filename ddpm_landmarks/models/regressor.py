@@ -32,6 +32,12 @@ Timesteps.
 Freezing: "encoder" = conv_in + time embedding + down blocks + mid block; "unet" = everything but
 the new head (a linear/small probe). Frozen parameters have requires_grad False and are left out of
 `param_groups`.
+
+Architectures (`model.arch`, the ARCHS registry): "ddpm_unet" (this module, the default),
+"smp_unet" / "smp_unetplusplus" (segmentation-models-pytorch encoder-decoder baselines with
+ImageNet / SSL / scratch encoders: models/smp_regressor.py). Both kinds of model expose `cfg`,
+`num_landmarks`, `head` (the K-channel output conv) and `head_parameters()` (what trains at
+optim.head_lr), take (B, 1, H, W) images in [-1, 1] and are saved / loaded by the functions here.
 """
 from __future__ import annotations
 
@@ -65,7 +71,11 @@ HEAD_INIT_STD = 1e-3
 
 @dataclass
 class RegressorConfig:
-    init: Literal["pretrained", "scratch"] = "pretrained"
+    # ddpm_unet: the DDPM U-Net of this module; smp_unet / smp_unetplusplus: smp baselines
+    arch: Literal["ddpm_unet", "smp_unet", "smp_unetplusplus"] = "ddpm_unet"
+    # pretrained: pretrained_path (DDPM export, or an SSL encoder export for smp archs);
+    # scratch: random init; imagenet: smp archs only (imagenet_weights, else smp's download)
+    init: Literal["pretrained", "scratch", "imagenet"] = "pretrained"
     pretrained_path: str = ""           # a pretraining run's export/ folder ("" = none: scratch only)
     preset: str = "tiny"                # scratch without pretrained_path: ddpm_landmarks.models.unet
     timestep_mode: Literal["fixed", "drop"] = "fixed"
@@ -73,6 +83,11 @@ class RegressorConfig:
     noise_input: bool = False           # needs the exported scheduler (pretrained_path/scheduler)
     freeze: Literal["none", "encoder", "unet"] = "none"
     head: Literal["conv1x1", "small"] = "conv1x1"
+    # smp archs only (models/smp_regressor.py):
+    encoder: str = "resnet18"           # smp encoder name (resnet50, densenet161, vgg19, tu-...)
+    imagenet_weights: str = ""          # init=imagenet offline: encoder state-dict file / folder
+    gray_adapter: Literal["repeat", "in_channels", "colorize"] = "repeat"
+    input_norm: Literal["auto", "imagenet", "none"] = "auto"   # encoder input normalisation
 
 
 class _NoTimeEmbedding(nn.Module):
@@ -167,6 +182,10 @@ class HeatmapRegressor(nn.Module):
     def head(self) -> nn.Module:
         return self.unet.conv_out
 
+    def head_parameters(self):
+        """New parameters (optim.head_lr): the head."""
+        return self.head.parameters()
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"expected images (B, 1, H, W), got {tuple(images.shape)}")
@@ -184,10 +203,12 @@ class HeatmapRegressor(nn.Module):
 
 def param_groups(model: nn.Module, body_lr: float, head_lr: float,
                  weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: body / head, each split into decayed (ndim > 1) and not decayed (biases,
-    norms); frozen parameters left out, empty groups dropped. Each group has a "name"."""
+    """AdamW groups: body / head (the model's head_parameters(): the new parameters), each split
+    into decayed (ndim > 1) and not decayed (biases, norms); frozen parameters left out, empty
+    groups dropped. Each group has a "name"."""
     model = _unwrap(model)
-    head_ids = {id(p) for p in model.head.parameters()}
+    new = model.head_parameters() if hasattr(model, "head_parameters") else model.head.parameters()
+    head_ids = {id(p) for p in new}
     groups: dict[str, dict[str, Any]] = {
         "body": {"params": [], "lr": body_lr, "weight_decay": weight_decay},
         "body_no_decay": {"params": [], "lr": body_lr, "weight_decay": 0.0},
@@ -204,19 +225,33 @@ def param_groups(model: nn.Module, body_lr: float, head_lr: float,
 
 def _check_export(path: Path) -> None:
     if not str(path) or not (path / "config.json").is_file():
+        hint = (" (it is an SSL encoder export: use model.arch=smp_unet with the same encoder)"
+                if str(path) and (path / "encoder.json").is_file() else "")
         raise FileNotFoundError(f"pretrained_path {str(path)!r} is not a DDPM export folder "
                                 f"(expected {path / 'config.json'}; pass a pretraining run's "
-                                f"export/ folder)")
+                                f"export/ folder){hint}")
 
 
 def _levels_factor(unet_config: Any) -> int:
     return 2 ** (len(unet_config["block_out_channels"]) - 1)
 
 
-def build_regressor(cfg: RegressorConfig, num_landmarks: int, image_size: int) -> HeatmapRegressor:
+def build_regressor(cfg: RegressorConfig, num_landmarks: int, image_size: int) -> nn.Module:
+    """The regressor of cfg.arch (ARCHS) at cfg.init."""
+    builder = ARCHS.get(cfg.arch)
+    if builder is None:
+        raise ValueError(f"unknown arch {cfg.arch!r}; valid: {', '.join(ARCHS)}")
+    return builder(cfg, num_landmarks, image_size)
+
+
+def build_ddpm_regressor(cfg: RegressorConfig, num_landmarks: int,
+                         image_size: int) -> HeatmapRegressor:
     """Pretrained: the exported U-Net; scratch: the same architecture (pretrained_path's
     config.json, else cfg.preset) at random init. Warns when the exported sample_size differs
     from image_size (the U-Net is fully convolutional)."""
+    if cfg.init == "imagenet":
+        raise ValueError("init='imagenet' needs an smp encoder: model.arch=smp_unet or "
+                         "smp_unetplusplus (the DDPM U-Net has no ImageNet weights)")
     path = Path(cfg.pretrained_path) if cfg.pretrained_path else None
     if cfg.init == "pretrained":
         if path is None:
@@ -252,6 +287,16 @@ def build_regressor(cfg: RegressorConfig, num_landmarks: int, image_size: int) -
     return HeatmapRegressor(unet, cfg, num_landmarks, alphas)
 
 
+def _build_smp(cfg: RegressorConfig, num_landmarks: int, image_size: int) -> nn.Module:
+    from ddpm_landmarks.models.smp_regressor import build_smp_regressor
+    return build_smp_regressor(cfg, num_landmarks, image_size)
+
+
+# model.arch -> builder(cfg, num_landmarks, image_size); smp is imported only when used.
+ARCHS = {"ddpm_unet": build_ddpm_regressor, "smp_unet": _build_smp,
+         "smp_unetplusplus": _build_smp}
+
+
 def _unet_config(unet: UNet2DModel) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v)
             for k, v in dict(unet.config).items() if not k.startswith("_")}
@@ -269,7 +314,9 @@ def save_regressor(model: nn.Module, out_dir: str | Path, config: Optional[dict]
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
         meta = {"format": FORMAT, "version": 1, "regressor": dataclasses.asdict(model.cfg),
-                "num_landmarks": model.num_landmarks, "unet_config": _unet_config(model.unet)}
+                "num_landmarks": model.num_landmarks}
+        if isinstance(model, HeatmapRegressor):
+            meta["unet_config"] = _unet_config(model.unet)
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
         if config is not None:
             (tmp / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
@@ -288,8 +335,9 @@ def save_regressor(model: nn.Module, out_dir: str | Path, config: Optional[dict]
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_regressor(out_dir: str | Path, map_location: str | torch.device = "cpu") -> HeatmapRegressor:
-    """Rebuild a regressor written by save_regressor (no pretraining run needed)."""
+def load_regressor(out_dir: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a regressor written by save_regressor (no pretraining run, ImageNet file or SSL
+    export needed: the architecture is rebuilt at random init, then the saved weights)."""
     out_dir = Path(out_dir)
     meta_file = out_dir / META_NAME
     if not meta_file.is_file():
@@ -300,6 +348,11 @@ def load_regressor(out_dir: str | Path, map_location: str | torch.device = "cpu"
     fields = {f.name for f in dataclasses.fields(RegressorConfig)}
     cfg = RegressorConfig(**{k: v for k, v in meta["regressor"].items() if k in fields})
     state = load_file(str(out_dir / WEIGHTS_NAME), device=str(map_location))
+    if cfg.arch != "ddpm_unet":
+        from ddpm_landmarks.models.smp_regressor import SmpRegressor
+        model = SmpRegressor(cfg, int(meta["num_landmarks"]))
+        model.load_state_dict(state, strict=True)
+        return model.to(map_location)
     unet = UNet2DModel.from_config(meta["unet_config"])
     model = HeatmapRegressor(unet, cfg, int(meta["num_landmarks"]), state.get("alphas_cumprod"))
     model.load_state_dict(state, strict=True)
