@@ -1,0 +1,190 @@
+"""Encoder weight files: ImageNet checkpoints given by path (offline clusters) and SSL exports.
+
+    file = load_encoder_file(model.encoder, "weights/resnet18.pth", "resnet18")   # in place
+    folder = resolve_ssl_export("runs/simclr_isbi/export"); meta = read_ssl_meta(folder)
+
+A wrong file is an error naming the file and the first missing / unexpected / mis-shaped keys,
+never a silent partial load. The SSL export contract (written by methods.ssl_base):
+encoder.safetensors = `smp.Unet(name, in_channels=C, encoder_weights=None).encoder.state_dict()`
+and encoder.json = {"format": SSL_FORMAT, "version": 1, "encoder": name, "in_channels": C,
+"method": ...}.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+SSL_FORMAT = "ddpm_landmarks.ssl_encoder"
+SSL_WEIGHTS = "encoder.safetensors"
+SSL_META = "encoder.json"
+# Files a weights folder is searched for, in this order; else its only weight file.
+WEIGHT_FILE_NAMES = ("model.safetensors", "encoder.safetensors", "pytorch_model.bin", "model.pth",
+                     "model.pt")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+# Classifier layers of ImageNet checkpoints that smp encoders do not have (smp's own loaders pop
+# them too): dropped when the encoder has no such key.
+_CLASSIFIER_PREFIXES = ("fc.", "classifier.", "last_linear.", "_fc.", "head.", "model.fc.",
+                        "model.classifier.", "model.head.", "model.last_linear.")
+# torchvision's old DenseNet names ("denselayer1.norm.1.weight" -> "denselayer1.norm1.weight"),
+# the renaming of smp's DenseNetEncoder.load_state_dict.
+_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+def resolve_weights_file(path: str | Path, what: str = "model.imagenet_weights") -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} {str(p)!r}: no such file or folder")
+    if p.is_file():
+        return p
+    for name in WEIGHT_FILE_NAMES:
+        if (p / name).is_file():
+            return p / name
+    found = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    if len(found) == 1:
+        return found[0]
+    raise FileNotFoundError(
+        f"{what} {str(p)!r}: a folder must hold one of {', '.join(WEIGHT_FILE_NAMES)} or exactly "
+        f"one *{'/*'.join(WEIGHT_SUFFIXES)} file; found {[f.name for f in found] or 'none'}")
+
+
+def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch pickle (weights_only), unwrapping the usual
+    checkpoint containers ({"state_dict": ...}, {"model": ...}, {"encoder": ...})."""
+    try:
+        if file.name.endswith(".safetensors"):
+            obj: Any = load_file(str(file), device="cpu")
+        else:
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:                                     # noqa: BLE001
+        raise ValueError(f"{file}: cannot read weights ({type(err).__name__}: {err})") from err
+    for _ in range(3):
+        if not isinstance(obj, dict):
+            break
+        inner = next((obj[k] for k in ("state_dict", "model", "encoder", "module")
+                      if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file}: not a state dict (a {type(obj).__name__})")
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise ValueError(f"{file}: holds no tensors")
+    return state
+
+
+def _align_keys(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Key layout of a checkpoint -> the encoder's: the best of no change, stripping a
+    "module." / "encoder." / "net.encoder." / "model.encoder." prefix (DDP, a whole smp model,
+    a saved regressor), or adding "model." (timm "tu-" encoders wrap the timm model)."""
+    candidates = [state]
+    for prefix in ("module.", "encoder.", "net.encoder.", "model.encoder.", "module.encoder."):
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if sub:
+            candidates.append(sub)
+    candidates.append({f"model.{k}": v for k, v in state.items()})
+    best = max(candidates, key=lambda s: len(expected & s.keys()))
+    # DenseNet: torchvision's old layer names, as smp's DenseNetEncoder.load_state_dict renames.
+    out = {}
+    for k, v in best.items():
+        m = _DENSENET_KEY.match(k)
+        out[m.group(1) + m.group(2) if m and k not in expected else k] = v
+    return {k: v for k, v in out.items()
+            if k in expected or not k.startswith(_CLASSIFIER_PREFIXES)}
+
+
+def _first(keys, n: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" ... ({len(keys)} in all)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def check_state(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+                what: str) -> None:
+    """Strict key / shape check with the first offending keys named (ValueError)."""
+    expected = model.state_dict()
+    missing = expected.keys() - state.keys()
+    unexpected = state.keys() - expected.keys()
+    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+              for k in sorted(expected.keys() & state.keys())
+              if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_first(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_first(unexpected)}")
+        if shapes:
+            more = f" ... ({len(shapes)} in all)" if len(shapes) > 5 else ""
+            parts.append(f"shape mismatches: {'; '.join(shapes[:5])}{more}")
+        raise ValueError(f"{source} does not match {what}: " + "; ".join(parts))
+
+
+def load_encoder_file(encoder: nn.Module, path: str | Path, encoder_name: str,
+                      what: str = "model.imagenet_weights") -> Path:
+    """Load ImageNet (or any) weights of `encoder_name` from a local file into `encoder`.
+
+    Accepted: a file, or a folder holding model.safetensors (the smp-hub layout that smp itself
+    downloads, e.g. a copy of the Hugging Face snapshot of smp-hub/resnet50.imagenet),
+    encoder.safetensors, pytorch_model.bin, model.pth / model.pt, or a single
+    *.safetensors/.pth/.pt/.bin/.ckpt file. The file holds a state dict (safetensors or a torch
+    pickle readable with weights_only=True), bare or under "state_dict"/"model"/"encoder", with
+    the encoder's keys: smp's encoder state dict, the torchvision / timm classification model's
+    (classifier "fc."/"classifier."/"last_linear."/"head." keys are dropped, torchvision's
+    old DenseNet names renamed, BatchNorm num_batches_tracked counters that old checkpoints lack
+    filled in), or a whole smp model's ("encoder." prefix); a "module." prefix is stripped. A
+    3-channel first conv loaded into a 1-channel encoder is summed over RGB (smp's
+    patch_first_conv rule). Anything else missing, unexpected or of another shape is a
+    ValueError naming the file and the first such keys. Returns the file read."""
+    file = resolve_weights_file(path, what)
+    state = _align_keys(read_state_dict(file), set(encoder.state_dict()))
+    expected = encoder.state_dict()
+    for k, v in list(state.items()):
+        target = expected.get(k)
+        if target is not None and v.ndim == 4 and target.ndim == 4 and v.shape[1] == 3 \
+                and target.shape[1] == 1 and v.shape[0] == target.shape[0] \
+                and v.shape[2:] == target.shape[2:]:
+            state[k] = v.sum(1, keepdim=True)            # patch_first_conv, new_in_channels 1
+    for k in expected.keys() - state.keys():
+        if k.endswith(".num_batches_tracked"):          # older checkpoints predate the counter
+            state[k] = expected[k].clone()
+    check_state(encoder, state, f"{what} file {file}", f"the smp encoder {encoder_name!r}")
+    nn.Module.load_state_dict(encoder, state, strict=True)
+    return file
+
+
+def resolve_ssl_export(path: str | Path) -> Path:
+    folder = Path(path)
+    if str(path) and not (folder / SSL_META).is_file() and (folder / "export" / SSL_META).is_file():
+        folder = folder / "export"                      # the pretraining run folder
+    if not str(path) or not (folder / SSL_META).is_file():
+        hint = (" (it is a DDPM export: use model.arch=ddpm_unet)"
+                if str(path) and (folder / "config.json").is_file() else "")
+        raise FileNotFoundError(f"pretrained_path {str(path)!r} is not an SSL encoder export "
+                                f"(expected {folder / SSL_META} and {folder / SSL_WEIGHTS}){hint}")
+    return folder
+
+
+def read_ssl_meta(folder: Path) -> dict:
+    meta_file = folder / SSL_META
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError as err:
+        raise ValueError(f"{meta_file}: not JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != SSL_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{meta_file}: format {found!r}, expected {SSL_FORMAT!r}")
+    if meta.get("version") != 1:
+        raise ValueError(f"{meta_file}: unsupported version {meta.get('version')!r} (this code "
+                         f"reads version 1)")
+    for key in ("encoder", "in_channels"):
+        if key not in meta:
+            raise ValueError(f"{meta_file}: no {key!r}")
+    return meta
