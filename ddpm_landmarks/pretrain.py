@@ -1,18 +1,23 @@
-"""Pretrain a DDPM U-Net on unlabelled x-rays.
+"""Pretrain on unlabelled x-rays: a DDPM U-Net (default) or an SSL baseline's smp encoder.
 
 One process:
     ddpm-landmarks pretrain configs/pretrain/synthetic.yaml train.max_steps=300
+    ddpm-landmarks pretrain configs/pretrain/simclr_synthetic.yaml     # method: simclr
 Several processes / GPUs / nodes (same flags, same config):
     accelerate launch -m ddpm_landmarks.pretrain --config configs/pretrain/isbi2015.yaml train.resume=latest
 
+`method` (config key) picks the method from methods.METHODS: ddpm, simclr, moco_v2, moco_v3.
 The run folder (run.output_dir/run.name) receives config.yaml, pretrain_images.txt (every image
-trained on, for leakage audits), checkpoints/step_*/ (resumable), images/ (sample grids), the
-W&B / TensorBoard logs and, at the end, export/: the EMA U-Net (`UNet2DModel.from_pretrained`)
-with its scheduler and the resolved config, which fine-tuning loads.
+trained on, for leakage audits), checkpoints/step_*/ (resumable), images/ (sample grids, or
+the SSL views), the W&B / TensorBoard logs and, at the end, export/: for ddpm the EMA U-Net
+(`UNet2DModel.from_pretrained`) with its scheduler and the resolved config; for the SSL
+methods the encoder (encoder.safetensors + encoder.json, see methods.ssl_base). Fine-tuning
+loads either.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -24,8 +29,8 @@ from accelerate.utils import set_seed
 from ddpm_landmarks.config import ConfigError, load_config, save_config, to_dict
 from ddpm_landmarks.data.pretrain_data import build_pretrain_dataset, pool_weighted_subset
 from ddpm_landmarks.data.sample import DataError
-from ddpm_landmarks.methods import METHODS
-from ddpm_landmarks.training.config import PretrainConfig
+from ddpm_landmarks.methods import METHODS, SSL_METHODS
+from ddpm_landmarks.training.config import PretrainConfig, resolve_ssl_config
 from ddpm_landmarks.training.engine import Trainer
 from ddpm_landmarks.training.trackers import flatten_config, log_image_grids, tracker_setup
 from ddpm_landmarks.utils.runs import setup_logging
@@ -38,8 +43,30 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def pretrain(cfg: PretrainConfig, method_name: str = "ddpm") -> dict:
-    """Run (or resume) one pretraining job; returns the engine's summary."""
+def _resolve_method(cfg: PretrainConfig, method_name: Optional[str]) -> PretrainConfig:
+    """cfg with `method` set (method_name overrides cfg.method) and, for an SSL method, the
+    method's defaults filled into cfg.ssl, so that config.yaml records what the run used."""
+    name = method_name or cfg.method
+    if name not in METHODS:
+        raise ConfigError(f"method: unknown method {name!r}; valid: {', '.join(METHODS)}")
+    cfg = dataclasses.replace(cfg, method=name)
+    if name in SSL_METHODS:
+        from ddpm_landmarks.methods.ssl_base import encoder_out_channels
+        try:
+            channels = encoder_out_channels(cfg.ssl.encoder, cfg.ssl.in_channels)
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"ssl.encoder={cfg.ssl.encoder!r} (in_channels "
+                              f"{cfg.ssl.in_channels}): {err}") from None
+        cfg = dataclasses.replace(cfg, ssl=resolve_ssl_config(name, cfg.ssl, channels))
+    return cfg
+
+
+def pretrain(cfg: PretrainConfig, method_name: Optional[str] = None) -> dict:
+    """Run (or resume) one pretraining job; returns the engine's summary.
+
+    method_name: overrides cfg.method (default: cfg.method, "ddpm" unless configured)."""
+    cfg = _resolve_method(cfg, method_name)
+    method_name = cfg.method
     # ------------------------------------------------------------------ run folder
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     main = _is_main_process()
@@ -51,8 +78,11 @@ def pretrain(cfg: PretrainConfig, method_name: str = "ddpm") -> dict:
     # ------------------------------------------------------------------ data
     # Every process builds the same image list (pools are sorted; exclusions are exact); only
     # the main process writes the audit files.
+    # SSL methods: the same pools, as two augmented views per image (data.ssl_views).
+    views = cfg.ssl.views if method_name in SSL_METHODS else None
     images = build_pretrain_dataset(cfg, run_dir if main else None,
-                                    seed=cfg.train.seed + int(os.environ.get("RANK", "0")))
+                                    seed=cfg.train.seed + int(os.environ.get("RANK", "0")),
+                                    views=views)
     weights = {p.weight for p in images.pools.pools}
     # Unequal pool weights: an epoch is a weighted subset of the pools (uniformly shuffled by
     # the engine); equal weights mean every image once per epoch.
@@ -63,15 +93,16 @@ def pretrain(cfg: PretrainConfig, method_name: str = "ddpm") -> dict:
                         f"train.batch_size={cfg.train.batch_size} on {world} process(es)")
 
     # ------------------------------------------------------------------ method
-    if method_name not in METHODS:
-        raise ConfigError(f"unknown method {method_name!r}; valid: {', '.join(METHODS)}")
     # Same seed on every process: identical initial weights (DDP would broadcast rank 0's
     # anyway) and a run that reproduces from its config.
     set_seed(cfg.train.seed)
     try:
         method = METHODS[method_name](cfg)
-    except ValueError as err:          # unknown preset, resolution the U-Net cannot take, ...
+    except ValueError as err:          # unknown preset, resolution the U-Net cannot take,
+        # a MoCo queue that is not a multiple of the global batch, ...
         raise ConfigError(str(err)) from None
+    if hasattr(method, "check_data"):
+        method.check_data(len(dataset))
 
     # ------------------------------------------------------------------ train
     config_dict = to_dict(cfg)

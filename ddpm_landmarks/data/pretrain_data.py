@@ -240,17 +240,25 @@ def exclusion_summary(pools: MixedPools) -> str:
 
 
 def build_pretrain_dataset(cfg, run_dir: Optional[Path] = None,
-                           seed: Optional[int] = None) -> PretrainImages:
+                           seed: Optional[int] = None, views=None) -> PretrainImages:
     """PretrainImages for a PretrainConfig; writes the audit files into run_dir when given.
 
     run_dir/pretrain_images.txt lists every image trained on (absolute paths; usable as an
     exclusion file), run_dir/pretrain_exclusions.txt what the exclusion rules removed.
     seed: the augmentation seed outside DataLoader workers (default cfg.train.seed; under
     accelerate pass seed + process index so that processes augment differently).
+    views: a ViewConfig (cfg.ssl.views) for the SSL baselines: the same pools as two
+    augmented views per item (data.ssl_views.TwoViewImages) instead of cfg.augment.
     """
     pools = build_pretrain_pools(cfg)
-    dataset = PretrainImages(pools, cfg.data.image_size, cfg.data.resize_mode, cfg.augment,
-                             seed=cfg.train.seed if seed is None else seed)
+    seed = cfg.train.seed if seed is None else seed
+    if views is not None:
+        from ddpm_landmarks.data.ssl_views import TwoViewImages
+        dataset = TwoViewImages(pools, cfg.data.image_size, views, cfg.data.resize_mode,
+                                seed=seed)
+    else:
+        dataset = PretrainImages(pools, cfg.data.image_size, cfg.data.resize_mode, cfg.augment,
+                                 seed=seed)
     if run_dir is not None:
         run_dir = Path(run_dir)
         write_image_list(pools.paths, run_dir / IMAGE_LIST)
