@@ -7,7 +7,8 @@ A wrong file is an error naming the file and the first missing / unexpected / mi
 never a silent partial load. The SSL export contract (written by methods.ssl_base):
 encoder.safetensors = `smp.Unet(name, in_channels=C, encoder_weights=None).encoder.state_dict()`
 and encoder.json = {"format": SSL_FORMAT, "version": 1, "encoder": name, "in_channels": C,
-"method": ...}.
+"method": ...}. A 3-channel first conv (ImageNet file, or an SSL export with C = 3) loaded into
+a 1-channel encoder is summed over RGB (sum_rgb_first_conv, smp's rule).
 """
 from __future__ import annotations
 
@@ -127,6 +128,24 @@ def check_state(model: nn.Module, state: dict[str, torch.Tensor], source: str,
         raise ValueError(f"{source} does not match {what}: " + "; ".join(parts))
 
 
+def sum_rgb_first_conv(state: dict[str, torch.Tensor],
+                       expected: dict[str, torch.Tensor]) -> list[str]:
+    """3-channel conv kernels of `state` where the encoder (`expected`, its state dict) has a
+    1-channel conv of otherwise equal shape are summed over RGB, in place: smp's
+    patch_first_conv rule for new_in_channels == 1 (`weight.sum(1, keepdim=True)`, no scaling),
+    so a gray image x gives the same first-conv output as RGB = (x, x, x) did. Used for ImageNet
+    files and 3-channel SSL exports alike. Returns the keys changed (the first conv)."""
+    changed = []
+    for k, v in list(state.items()):
+        target = expected.get(k)
+        if target is not None and v.ndim == 4 and target.ndim == 4 and v.shape[1] == 3 \
+                and target.shape[1] == 1 and v.shape[0] == target.shape[0] \
+                and v.shape[2:] == target.shape[2:]:
+            state[k] = v.sum(1, keepdim=True)
+            changed.append(k)
+    return changed
+
+
 def load_encoder_file(encoder: nn.Module, path: str | Path, encoder_name: str,
                       what: str = "model.imagenet_weights") -> Path:
     """Load ImageNet (or any) weights of `encoder_name` from a local file into `encoder`.
@@ -146,12 +165,7 @@ def load_encoder_file(encoder: nn.Module, path: str | Path, encoder_name: str,
     file = resolve_weights_file(path, what)
     state = _align_keys(read_state_dict(file), set(encoder.state_dict()))
     expected = encoder.state_dict()
-    for k, v in list(state.items()):
-        target = expected.get(k)
-        if target is not None and v.ndim == 4 and target.ndim == 4 and v.shape[1] == 3 \
-                and target.shape[1] == 1 and v.shape[0] == target.shape[0] \
-                and v.shape[2:] == target.shape[2:]:
-            state[k] = v.sum(1, keepdim=True)            # patch_first_conv, new_in_channels 1
+    sum_rgb_first_conv(state, expected)
     for k in expected.keys() - state.keys():
         if k.endswith(".num_batches_tracked"):          # older checkpoints predate the counter
             state[k] = expected[k].clone()

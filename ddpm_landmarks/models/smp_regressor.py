@@ -19,7 +19,8 @@ Grayscale input (`model.gray_adapter`):
   "in_channels": encoder in_channels = 1. Pretrained 3-channel first-conv kernels are summed over
                  RGB, smp's rule (`encoders/_utils.patch_first_conv`, new_in_channels == 1:
                  `weight.sum(1, keepdim=True)`, no scaling; timm's adapt_input_conv does the same
-                 for 1 channel). The local-file ImageNet path reproduces it on the file's tensor.
+                 for 1 channel). Local ImageNet files and 3-channel SSL exports get the same
+                 rule on the file's tensor (encoder_weights.sum_rgb_first_conv).
   "colorize":    a learned colourisation module (class Colorizer), after Morra et al., "Bridging
                  the gap between natural and medical images through deep colorization"
                  (ICPR 2020): a small conv net trained from scratch, end to end, maps the x-ray to
@@ -55,9 +56,11 @@ Initialisation (`model.init`):
   "pretrained": `model.pretrained_path` = an SSL export folder: encoder.safetensors (exactly
                 `smp.Unet(encoder, in_channels=C, encoder_weights=None).encoder.state_dict()`)
                 + encoder.json {"format": "ddpm_landmarks.ssl_encoder", "version": 1, "encoder":
-                name, "in_channels": 1 | 3, "method": ...}; loaded strictly. Its encoder and
-                in_channels must equal the config's (in_channels follows gray_adapter: 1 for
-                "in_channels", else 3).
+                name, "in_channels": 1 | 3, "method": ...}; loaded strictly. Its encoder must
+                equal the config's. A 3-channel export (ssl.in_channels=3, gray repeated in
+                pretraining) loads with every gray_adapter: as it is for "repeat" / "colorize",
+                first conv summed over RGB for "in_channels" (the ImageNet-file rule above); a
+                1-channel export loads only with "in_channels".
 
 Learning rates (`param_groups` in models.regressor): "body" = the encoder at optim.lr; the
 decoder, segmentation head and colouriser are new parameters at optim.head_lr. The split is the
@@ -85,7 +88,7 @@ from torch import nn
 
 from ddpm_landmarks.models.encoder_weights import (SSL_META, SSL_WEIGHTS, check_state,
                                                    load_encoder_file, read_ssl_meta,
-                                                   resolve_ssl_export)
+                                                   resolve_ssl_export, sum_rgb_first_conv)
 
 SMP_ARCHS = ("smp_unet", "smp_unetplusplus")
 GRAY_ADAPTERS = ("repeat", "in_channels", "colorize")
@@ -295,15 +298,23 @@ def load_ssl_export(model: SmpRegressor, path: str | Path) -> dict:
     if meta["encoder"] != cfg.encoder:
         raise ValueError(f"{folder / SSL_META}: the SSL encoder is {meta['encoder']!r} but "
                          f"model.encoder={cfg.encoder!r}; set model.encoder={meta['encoder']}")
-    if int(meta["in_channels"]) != model.in_channels:
-        fix = "in_channels" if int(meta["in_channels"]) == 1 else "repeat (or colorize)"
-        raise ValueError(f"{folder / SSL_META}: the SSL encoder takes in_channels="
-                         f"{meta['in_channels']} but model.gray_adapter={cfg.gray_adapter!r} "
-                         f"feeds it {model.in_channels}; set model.gray_adapter={fix}")
+    exported = meta["in_channels"]
+    if exported not in (1, 3) or isinstance(exported, bool):
+        raise ValueError(f"{folder / SSL_META}: in_channels must be 1 or 3, got {exported!r}")
+    if exported == 1 and model.in_channels != 1:
+        # A gray first conv cannot be split into RGB kernels without inventing weights.
+        raise ValueError(f"{folder / SSL_META}: the SSL encoder takes in_channels=1 but "
+                         f"model.gray_adapter={cfg.gray_adapter!r} feeds it "
+                         f"{model.in_channels}; set model.gray_adapter=in_channels (or pretrain "
+                         f"with ssl.in_channels=3 for repeat / colorize)")
     weights = folder / SSL_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing (SSL export without encoder weights)")
     state = load_file(str(weights), device="cpu")
+    if exported == 3 and model.in_channels == 1:
+        # gray_adapter=in_channels: the ImageNet-file rule (first conv summed over RGB); a gray
+        # image then gives what it gave repeated to 3 channels, as in pretraining.
+        sum_rgb_first_conv(state, model.encoder.state_dict())
     check_state(model.encoder, state, f"SSL export {weights}",
                 f"the smp encoder {cfg.encoder!r} (in_channels={model.in_channels})")
     result = nn.Module.load_state_dict(model.encoder, state, strict=True)
