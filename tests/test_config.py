@@ -5,14 +5,38 @@ import pytest
 import yaml
 
 from ddpm_landmarks.config import ConfigError, ExperimentConfig, load_config, save_config, to_dict
+from ddpm_landmarks.training.config import PretrainConfig
+from ddpm_landmarks.training.finetune_config import FinetuneConfig
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+# Each config folder and the class its files are read as (a new folder is added here).
+CONFIG_CLASSES = {".": ExperimentConfig, "pretrain": PretrainConfig,
+                  "finetune": FinetuneConfig, "finetune/baselines": FinetuneConfig}
+CONFIGS = [pytest.param(path, cls, id=path.relative_to(CONFIG_ROOT).as_posix())
+           for folder, cls in CONFIG_CLASSES.items()
+           for path in sorted((CONFIG_ROOT / folder).glob("*.yaml"))]
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_loads(path):
-    cfg = load_config(path)
-    assert isinstance(cfg, ExperimentConfig)
+@pytest.mark.parametrize("path, cls", CONFIGS)
+def test_every_shipped_config_loads(path, cls):
+    cfg = load_config(path, cls=cls)
+    assert isinstance(cfg, cls)
+
+
+# An image of a split we report on must never be pretrained on: a pool holding a dataset's
+# images needs the exclusion rule of its test split.
+TEST_SPLIT_RULES = {"aasce2019_spine": "aasce_spine:test@", "isbi2015": "isbi2015:test1@"}
+
+
+@pytest.mark.parametrize("path", sorted((CONFIG_ROOT / "pretrain").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_pretrain_pools_exclude_the_test_splits(path):
+    cfg = load_config(path, cls=PretrainConfig)
+    for pool in cfg.unlabeled.pools:
+        for folder, rule in TEST_SPLIT_RULES.items():
+            if f"/{folder}" in pool.path:
+                assert any(e.startswith(rule) for e in cfg.unlabeled.exclude), \
+                    f"{path.name}: pool {pool.path} without an exclusion '{rule}...'"
 
 
 def test_overrides_are_typed_and_nested():
