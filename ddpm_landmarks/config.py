@@ -203,6 +203,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if len(args) == 2:               # dict[str, X]: every value checked as an X
+            # `name:` with nothing under it is an entry with all defaults.
+            empty = {} if dataclasses.is_dataclass(args[1]) else None
+            return {str(k): _convert(empty if v is None else v, args[1], f"{key}.{k}")
+                    for k, v in value.items()}
         return dict(value)
     # Scalars. bool is a subclass of int in Python: refuse it where a number is meant.
     if tp is float:
@@ -274,6 +279,23 @@ def apply_override(data: dict, cls: type, override: str) -> None:
                 raise ConfigError(f"{dotted}: cannot parse value {raw!r}: {err}") from None
             return
         node_cls = typing.get_type_hints(node_cls)[part]
+        args = typing.get_args(node_cls)
+        if typing.get_origin(node_cls) is dict and len(args) == 2 \
+                and dataclasses.is_dataclass(args[1]) and depth + 2 < len(parts):
+            # A named entry of a dict[str, Section] (e.g. grid `inits.ddpm.overrides=[...]`):
+            # the next part names the entry, the rest are the section's fields.
+            entries = node.get(part) or {}
+            name = parts[depth + 1]
+            if not isinstance(entries, dict) or name not in entries:
+                raise ConfigError(f"'{where}' has no entry {name!r}; entries: "
+                                  f"{', '.join(entries) if isinstance(entries, dict) else '-'}")
+            if entries[name] is None:
+                entries[name] = {}
+            try:
+                return apply_override(entries[name], args[1],
+                                      ".".join(parts[depth + 2:]) + "=" + raw)
+            except ConfigError as err:
+                raise ConfigError(f"{where}.{name}: {err}") from None
         if not dataclasses.is_dataclass(node_cls):
             raise ConfigError(f"'{where}' is a value, not a section; cannot set '{dotted}'")
         node = node.setdefault(part, {})

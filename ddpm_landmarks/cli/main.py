@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ddpm_landmarks.cli import (data_commands, evaluate_command, finetune_command,
-                                mean_shape_command, predict_command, pretrain_command)
+from ddpm_landmarks.cli import (data_commands, evaluate_command, finetune_command, grid_command,
+                                mean_shape_command, predict_command, pretrain_command,
+                                report_command)
 from ddpm_landmarks.config import ConfigError
 from ddpm_landmarks.data.sample import DataError
 
@@ -21,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune_command.add_parser(subparsers)
     evaluate_command.add_parser(subparsers)
     predict_command.add_parser(subparsers)
+    grid_command.add_parser(subparsers)
+    report_command.add_parser(subparsers)
     return parser
 
 

@@ -28,7 +28,8 @@ def log_evaluation(logger_cfg, run_dir: Path, name: str, summary: dict,
         return None
     import wandb
     run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity or None, mode=mode,
-                     dir=str(run_dir), name=name, group=run_dir.name, job_type="evaluate",
+                     dir=str(run_dir), name=name, group=logger_cfg.group or run_dir.name,
+                     tags=list(logger_cfg.tags) or None, job_type="evaluate",
                      reinit="create_new")
     try:
         values = {"mre": summary["mre"], "sd": summary["sd"], "median": summary["median"],

@@ -72,6 +72,10 @@ class LoggerConfig:
     entity: str = ""
     # auto = online with a W&B API key, offline otherwise (a local run `wandb sync` uploads).
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    # W&B run group and tags; the grid runner sets group = the grid's name and tags = the cell
+    # (dataset, init, budget, seed), so a dashboard can group and filter the runs of a grid.
+    group: str = ""
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass

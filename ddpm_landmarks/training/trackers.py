@@ -83,6 +83,10 @@ def tracker_setup(cfg, run_dir: str | Path,
     kwargs: dict[str, Any] = {"dir": str(run_dir), "name": name, "mode": mode}
     if cfg.entity:
         kwargs["entity"] = cfg.entity
+    if cfg.group:
+        kwargs["group"] = cfg.group
+    if cfg.tags:
+        kwargs["tags"] = list(cfg.tags)
     if mode == "offline" and not _offline_hint_shown and _is_main_process():
         _offline_hint_shown = True
         print(f"W&B: no API key found, logging offline under {run_dir / 'wandb'}; upload later "

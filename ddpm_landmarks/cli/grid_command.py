@@ -1,0 +1,45 @@
+"""`ddpm-landmarks grid EXPERIMENT.yaml [--dry-run] [--only PATTERN] [overrides]`.
+
+Runs every cell of an experiment grid that is not finished yet (see experiments/grid.py), then
+writes the report. --dry-run prints the cells, the shared pretrainings and their estimated cost
+without running anything. Overrides are dotted keys of the experiment file, e.g. `seeds=[0]`,
+`launcher.kind=accelerate`, `inits.ddpm.pretrain_overrides=[train.max_steps=100]`.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from ddpm_landmarks.experiments.grid import (CELL_STATUS, PRETRAIN_STATUS, read_status,
+                                                 run_grid, select_cells)
+    from ddpm_landmarks.experiments.grid_config import build_plan, load_grid
+    from ddpm_landmarks.utils.runs import setup_logging
+
+    setup_logging()
+    grid = load_grid(args.experiment, args.overrides)
+    if args.dry_run:
+        from ddpm_landmarks.experiments.cost import estimate, format_estimate
+        plan = build_plan(grid)
+        plan.cells = select_cells(plan, args.only)
+        done_cells = {c.name for c in plan.cells
+                      if read_status(c.run_dir / CELL_STATUS).get("status") == "done"}
+        done_pre = {p.name for p in plan.pretrainings
+                    if read_status(p.run_dir / PRETRAIN_STATUS).get("status") == "done"}
+        print(format_estimate(plan, estimate(plan, done_cells, done_pre)))
+        return 0
+    outcome = run_grid(grid, only=args.only, report=not args.no_report)
+    return 1 if outcome["failed"] else 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("grid", help="run an experiment grid (dataset x init x budget x seed)")
+    p.add_argument("experiment", help="experiment file (experiments/*.yaml)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the cells and their estimated cost; run nothing")
+    p.add_argument("--only", default=None,
+                   help="run only cells whose name contains every comma-separated part, "
+                        "e.g. 'isbi2015-ddpm,N50'")
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the experiment file")
+    p.set_defaults(func=cmd_grid)

@@ -1,0 +1,298 @@
+"""Run an experiment grid: shared pretrainings, then every cell (fine-tune + evaluate), one
+after another, surviving interruptions.
+
+    ddpm-landmarks grid experiments/cpu-small.yaml [--dry-run] [--only PATTERN] [overrides]
+
+Layout of <output_dir>/<name>/:
+    grid.json                    the plan: resolved grid, every job's config file and overrides
+    pretrain/<init>-<hash>/      a pretraining run (+ pretraining.json: status)
+    cells/<dataset>-<init>-N<budget>-s<seed>/
+                                 a fine-tuning run, its eval_<split>/ and cell.json (status,
+                                 command, wall time, metrics, or the error of a failed cell)
+    job_logs/<job>.log           stdout + stderr of each job run as a process
+    report/                      `ddpm-landmarks report` output, refreshed at the end
+
+Restart = run the same command again: finished pretrainings and cells (status "done") are
+skipped; an interrupted one resumes from its last checkpoint (every job runs with
+train.resume=latest); failed ones are tried again. A failing job is recorded with its error
+and the grid carries on with the cells that do not depend on it.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from ddpm_landmarks.config import ConfigError
+from ddpm_landmarks.experiments.grid_config import (Cell, GridConfig, Plan, Pretraining,
+                                                    budget_label, build_plan, plan_summary)
+from ddpm_landmarks.utils.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CELL_STATUS = "cell.json"
+PRETRAIN_STATUS = "pretraining.json"
+
+
+class JobFailed(RuntimeError):
+    """A pretraining, fine-tuning or evaluation job that did not finish."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Status files
+# ----------------------------------------------------------------------------------------------
+
+def read_status(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def write_status(path: Path, status: dict) -> None:
+    atomic_write_text(path, json.dumps(status, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def grid_lock(grid_dir: Path) -> Iterator[None]:
+    """One runner per grid folder; the lock dies with its process (a killed runner frees it)."""
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    with open(grid_dir / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another `ddpm-landmarks grid` is running in {grid_dir}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launching one job
+# ----------------------------------------------------------------------------------------------
+
+def _module_command(grid: GridConfig, module: str, config: str, overrides: list[str],
+                    distributed: bool) -> list[str]:
+    launcher = grid.launcher
+    if distributed and launcher.kind == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch",
+                "--num_processes", str(launcher.num_processes), *launcher.accelerate_args,
+                "-m", module, "--config", config, *overrides]
+    return [sys.executable, "-m", module, "--config", config, *overrides]
+
+
+def _evaluate_command(run_dir: Path, split: str) -> list[str]:
+    return [sys.executable, "-m", "ddpm_landmarks.cli.main", "evaluate", str(run_dir),
+            "--split", split]
+
+
+def _error_of_log(text: str) -> str:
+    """The line that says what went wrong: our `error: ...` line, else the exception line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line[len("error:"):].strip()
+    for line in reversed(lines):
+        if not line.startswith(("File ", "^", "~")) and ("Error" in line or "Exception" in line):
+            return line
+    return lines[-1] if lines else "(no output)"
+
+
+def _run_process(argv: list[str], log_path: Path) -> None:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as fh:
+        fh.write(f"\n$ {' '.join(argv)}\n")
+        fh.flush()
+        rc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+    if rc != 0:
+        tail = log_path.read_text()[-20000:]
+        raise JobFailed(f"{_error_of_log(tail)} (exit status {rc}; log: {log_path})")
+
+
+def _reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons; a fresh job in this process needs fresh ones
+    (as a new process would have), e.g. another mixed-precision setting."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _inline(fn: Callable[[], object]) -> None:
+    _reset_accelerate()
+    try:
+        fn()
+    except Exception as err:           # noqa: BLE001 - a cell's failure is recorded, not fatal
+        log.debug("inline job failed:\n%s", traceback.format_exc())
+        raise JobFailed(f"{type(err).__name__}: {err}") from err
+
+
+def run_pretraining(grid: GridConfig, job: Pretraining) -> None:
+    if grid.launcher.kind == "inline":
+        from ddpm_landmarks.pretrain import pretrain
+        _inline(lambda: pretrain(job.config))
+        return
+    _run_process(_module_command(grid, "ddpm_landmarks.pretrain", job.config_path, job.overrides,
+                                 distributed=True),
+                 grid.grid_dir / "job_logs" / f"pretrain-{job.name}.log")
+
+
+def run_finetuning(grid: GridConfig, cell: Cell) -> None:
+    if grid.launcher.kind == "inline":
+        from ddpm_landmarks.finetune import finetune
+        _inline(lambda: finetune(cell.config))
+        return
+    _run_process(_module_command(grid, "ddpm_landmarks.finetune", cell.config_path,
+                                 cell.overrides, distributed=True),
+                 grid.grid_dir / "job_logs" / f"{cell.name}.log")
+
+
+def run_evaluation(grid: GridConfig, cell: Cell) -> dict:
+    """Evaluate the cell's best model on grid.eval_split; returns its metrics.json."""
+    if grid.launcher.kind == "inline":
+        def evaluate() -> None:
+            from ddpm_landmarks.evaluation.trained_run import evaluate_run, load_trained_run
+            from ddpm_landmarks.evaluation.wandb_log import log_evaluation
+            run = load_trained_run(cell.run_dir)
+            summary = evaluate_run(run, grid.eval_split)
+            log_evaluation(run.cfg.logger, run.run_dir,
+                           f"{cell.name}-eval-{grid.eval_split}", summary, summary["out_dir"])
+        _inline(evaluate)
+    else:
+        # One process is plenty for inference, whatever the training launcher.
+        _run_process(_evaluate_command(cell.run_dir, grid.eval_split),
+                     grid.grid_dir / "job_logs" / f"{cell.name}.log")
+    return json.loads((cell.run_dir / f"eval_{grid.eval_split}" / "metrics.json").read_text())
+
+
+def job_command(grid: GridConfig, module: str, config: str, overrides: list[str]) -> str:
+    """The shell command that runs a job by hand (recorded in its status file)."""
+    import shlex
+    return shlex.join(_module_command(grid, module, config, overrides, distributed=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# The grid
+# ----------------------------------------------------------------------------------------------
+
+def _ensure_pretraining(grid: GridConfig, job: Pretraining) -> None:
+    """Run (or resume) a shared pretraining unless it is done; JobFailed if it fails."""
+    status_path = job.run_dir / PRETRAIN_STATUS
+    status = read_status(status_path)
+    if status.get("status") == "done" and job.export_dir.is_dir():
+        return
+    if status.get("status") == "failed" and status.get("attempt_of_this_run"):
+        raise JobFailed(f"pretraining {job.name} failed: {status.get('error')}")
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    record = {"name": job.name, "method": job.method, "users": job.users,
+              "command": job_command(grid, "ddpm_landmarks.pretrain", job.config_path,
+                                     job.overrides), "started": started}
+    write_status(status_path, {**record, "status": "running"})
+    print(f"[grid] pretraining {job.name} ({job.method}, {len(job.users)} cells) ...", flush=True)
+    try:
+        run_pretraining(grid, job)
+        if not job.export_dir.is_dir():
+            raise JobFailed(f"finished without writing {job.export_dir}")
+    except JobFailed as err:
+        write_status(status_path, {**record, "status": "failed", "error": str(err),
+                                   "wall_s": time.time() - started, "attempt_of_this_run": True})
+        print(f"[grid] pretraining {job.name} FAILED: {err}", flush=True)
+        raise JobFailed(f"pretraining {job.name} failed: {err}") from None
+    wall = time.time() - started
+    write_status(status_path, {**record, "status": "done", "wall_s": wall,
+                               "finished": time.time()})
+    print(f"[grid] pretraining {job.name} done in {wall:.0f} s", flush=True)
+
+
+def _metrics_record(metrics: dict) -> dict:
+    keep = ("unit", "mre", "sd", "median", "sdr", "n", "missed", "thresholds", "images")
+    return {k: metrics[k] for k in keep if k in metrics}
+
+
+def run_cell(grid: GridConfig, cell: Cell, index: int, total: int) -> dict:
+    """Pretraining (if needed), fine-tuning and evaluation of one cell; its final status."""
+    status_path = cell.run_dir / CELL_STATUS
+    cell.run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    record = {**cell.key, "budget_label": budget_label(cell.budget), "name": cell.name,
+              "kind": cell.kind, "eval_split": grid.eval_split,
+              "pretraining": cell.pretraining.name if cell.pretraining else None,
+              "command": job_command(grid, "ddpm_landmarks.finetune", cell.config_path,
+                                     cell.overrides), "started": started}
+    write_status(status_path, {**record, "status": "running"})
+    label = f"[grid {index}/{total}] {cell.name}"
+    print(f"{label} ...", flush=True)
+    try:
+        if cell.pretraining is not None:
+            _ensure_pretraining(grid, cell.pretraining)
+        run_finetuning(grid, cell)
+        metrics = run_evaluation(grid, cell)
+    except JobFailed as err:
+        status = {**record, "status": "failed", "error": str(err),
+                  "wall_s": time.time() - started}
+        write_status(status_path, status)
+        print(f"{label}: FAILED: {err}", flush=True)
+        return status
+    split = read_status(cell.run_dir / "split.json")
+    status = {**record, "status": "done", "wall_s": time.time() - started,
+              "finished": time.time(), "metrics": _metrics_record(metrics),
+              "train_images": split.get("num_train", cell.budget)}
+    write_status(status_path, status)
+    mre = metrics.get("mre")          # null when every landmark was missed
+    print(f"{label}: done in {status['wall_s']:.0f} s, " + (
+        f"MRE {mre:.3f} {metrics['unit']}" if mre is not None else
+        f"no landmark found ({metrics.get('missed')} missed)"), flush=True)
+    return status
+
+
+def select_cells(plan: Plan, only: Optional[str]) -> list[Cell]:
+    """Cells whose name contains every comma-separated part of `only` (None = all)."""
+    if not only:
+        return plan.cells
+    parts = [p for p in only.split(",") if p]
+    chosen = [c for c in plan.cells if all(p in c.name for p in parts)]
+    if not chosen:
+        raise ConfigError(f"--only {only!r} matches no cell; cells: "
+                          f"{', '.join(c.name for c in plan.cells)}")
+    return chosen
+
+
+def run_grid(grid: GridConfig, only: Optional[str] = None, report: bool = True) -> dict:
+    """Run every cell not yet done; returns {"done": [...], "failed": [...], "skipped": [...]}."""
+    plan = build_plan(grid)
+    cells = select_cells(plan, only)
+    grid_dir = grid.grid_dir
+    outcome: dict[str, list[str]] = {"done": [], "failed": [], "skipped": []}
+    with grid_lock(grid_dir):
+        write_status(grid_dir / "grid.json", {**plan_summary(plan), "started": time.time()})
+        # A pretraining that failed earlier is tried again once in this run, not once per cell.
+        for job in plan.pretrainings:
+            status = read_status(job.run_dir / PRETRAIN_STATUS)
+            if status.get("attempt_of_this_run"):
+                write_status(job.run_dir / PRETRAIN_STATUS,
+                             {**status, "attempt_of_this_run": False})
+        t0 = time.time()
+        for i, cell in enumerate(cells, 1):
+            if read_status(cell.run_dir / CELL_STATUS).get("status") == "done":
+                outcome["skipped"].append(cell.name)
+                print(f"[grid {i}/{len(cells)}] {cell.name}: done before, skipped", flush=True)
+                continue
+            status = run_cell(grid, cell, i, len(cells))
+            outcome["done" if status["status"] == "done" else "failed"].append(cell.name)
+        print(f"[grid] {grid.name}: {len(outcome['done'])} run, {len(outcome['skipped'])} "
+              f"skipped, {len(outcome['failed'])} failed in {time.time() - t0:.0f} s; "
+              f"folder {grid_dir}", flush=True)
+        if report:
+            from ddpm_landmarks.experiments.report import write_report
+            write_report(grid_dir, wandb=grid.logger.kind == "wandb")
+    return outcome

@@ -1,0 +1,36 @@
+"""A grid's report to W&B: one summary run `<grid>-report` in the grid's group (the group the
+grid's training and evaluation runs are in), holding the cells and summary tables and the
+figures. Offline (a local run under report/wandb/) without an API key, like training."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Optional
+
+from ddpm_landmarks.training.trackers import resolve_wandb_mode
+
+
+def _table(wandb, path: Path):
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    return wandb.Table(columns=rows[0], data=rows[1:])
+
+
+def log_report(grid: dict, name: str, report_dir: Path, figures: list[Path]) -> Optional[str]:
+    """grid: the grid config as plain data (grid.json's "grid"); returns the W&B run folder."""
+    logger = grid.get("logger", {})
+    mode = resolve_wandb_mode(logger.get("wandb_mode", "auto"))
+    if mode == "disabled":
+        return None
+    import wandb
+    run = wandb.init(project=logger.get("project", "ddpm-landmarks"),
+                     entity=logger.get("entity") or None, mode=mode, dir=str(report_dir),
+                     name=f"{name}-report", group=name, job_type="report",
+                     tags=["report"], config={"grid": grid}, reinit="create_new")
+    try:
+        run.log({"report/summary": _table(wandb, report_dir / "summary.csv"),
+                 "report/cells": _table(wandb, report_dir / "cells.csv"),
+                 **{f"report/{Path(f).stem}": wandb.Image(str(f)) for f in figures}})
+        return run.dir
+    finally:
+        run.finish()
