@@ -80,6 +80,19 @@ def test_plan_shares_pretraining_and_orders_overrides(tmp_path, synth_root):
     assert cells["synthetic-scratch-N8-s0"].config.model.init == "scratch"
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_experiment_files_plan(path, monkeypatch):
+    monkeypatch.chdir(ROOT)                  # their config paths are relative to the project
+    plan = build_plan(load_grid(path))
+    grid = plan.grid
+    assert len(plan.cells) == len(grid.datasets) * len(grid.inits) * len(grid.budgets) * \
+        len(grid.seeds)
+    for job in plan.pretrainings:            # never pretrain on the split we report on
+        assert any(grid.eval_split in e or "test" in e for e in job.config.unlabeled.exclude) \
+            or not job.config.unlabeled.labelled_splits
+
+
 def test_plan_errors_name_the_key(tmp_path, synth_root):
     with pytest.raises(ConfigError, match="inits.ddpm.*unknown config key 'modle'"):
         load_grid(experiment(tmp_path, synth_root), ["inits.ddpm.overrides=[x]", "inits.ddpm.modle=1"])
@@ -155,7 +168,8 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path, synth_root, cap
     missing = tmp_path / "no_such_export"
     path = experiment(tmp_path, synth_root, budgets=[4], launcher={"kind": "process"},
                       inits={"broken": {"kind": "checkpoint", "checkpoint": str(missing)},
-                             "scratch": {"overrides": ["model.preset=tiny"]}})
+                             "scratch": {"overrides": ["model.preset=tiny"]},
+                             "mean_shape": {}})
     rc = cli_main(["grid", str(path)])
     assert rc == 1                                   # a failed cell makes the exit status 1
     cells = tmp_path / "runs" / "g" / "cells"
@@ -163,6 +177,9 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path, synth_root, cap
     assert broken["status"] == "failed"
     assert str(missing) in broken["error"]
     assert json.loads((cells / "synthetic-scratch-N4-s0" / "cell.json").read_text())["status"] == "done"
+    mean = json.loads((cells / "synthetic-mean_shape-N4-s0" / "cell.json").read_text())
+    assert mean["status"] == "done" and mean["metrics"]["mre"] > 0
+    assert mean["train_images"] == 4
     report = (tmp_path / "runs" / "g" / "report" / "cells.csv").read_text()
     assert "failed" in report and str(missing) in report
     assert "0/1, 1 failed" in (tmp_path / "runs" / "g" / "report" / "summary.md").read_text()

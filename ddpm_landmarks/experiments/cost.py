@@ -116,6 +116,8 @@ def estimate(plan: Plan, done_cells: set[str], done_pretrainings: set[str],
         add("pretrain", job.name, cfg.train, cache[key], job.name in done_pretrainings,
             f"{job.method}, shared by {len(job.users)} cells")
     for cell in plan.cells:
+        if cell.kind == "mean_shape":
+            continue                   # no network: seconds
         m = cell.config.model
         preset = cell.pretraining.config.model.preset if cell.pretraining else m.preset
         key = ("finetune", m.arch, preset, m.encoder, m.gray_adapter, m.head,

@@ -157,21 +157,30 @@ def run_finetuning(grid: GridConfig, cell: Cell) -> None:
 
 
 def run_evaluation(grid: GridConfig, cell: Cell) -> dict:
-    """Evaluate the cell's best model on grid.eval_split; returns its metrics.json."""
+    """Evaluate the cell's best model on cell.eval_split; returns its metrics.json."""
     if grid.launcher.kind == "inline":
         def evaluate() -> None:
             from ddpm_landmarks.evaluation.trained_run import evaluate_run, load_trained_run
             from ddpm_landmarks.evaluation.wandb_log import log_evaluation
             run = load_trained_run(cell.run_dir)
-            summary = evaluate_run(run, grid.eval_split)
+            summary = evaluate_run(run, cell.eval_split)
             log_evaluation(run.cfg.logger, run.run_dir,
-                           f"{cell.name}-eval-{grid.eval_split}", summary, summary["out_dir"])
+                           f"{cell.name}-eval-{cell.eval_split}", summary, summary["out_dir"])
         _inline(evaluate)
     else:
         # One process is plenty for inference, whatever the training launcher.
-        _run_process(_evaluate_command(cell.run_dir, grid.eval_split),
+        _run_process(_evaluate_command(cell.run_dir, cell.eval_split),
                      grid.grid_dir / "job_logs" / f"{cell.name}.log")
-    return json.loads((cell.run_dir / f"eval_{grid.eval_split}" / "metrics.json").read_text())
+    return json.loads((cell.run_dir / f"eval_{cell.eval_split}" / "metrics.json").read_text())
+
+
+def run_mean_shape_cell(grid: GridConfig, cell: Cell) -> dict:
+    """The trivial predictor on the cell's few-shot draw (seconds: always in this process)."""
+    from ddpm_landmarks.cli.mean_shape_command import run_mean_shape
+    from ddpm_landmarks.config import save_config
+    save_config(cell.config, cell.run_dir / "config.yaml")
+    _inline(lambda: run_mean_shape(cell.config, cell.run_dir, cell.eval_split))
+    return json.loads((cell.run_dir / f"eval_{cell.eval_split}" / "metrics.json").read_text())
 
 
 def job_command(grid: GridConfig, module: str, config: str, overrides: list[str]) -> str:
@@ -225,18 +234,23 @@ def run_cell(grid: GridConfig, cell: Cell, index: int, total: int) -> dict:
     cell.run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     record = {**cell.key, "budget_label": budget_label(cell.budget), "name": cell.name,
-              "kind": cell.kind, "eval_split": grid.eval_split,
+              "kind": cell.kind, "eval_split": cell.eval_split,
               "pretraining": cell.pretraining.name if cell.pretraining else None,
-              "command": job_command(grid, "ddpm_landmarks.finetune", cell.config_path,
-                                     cell.overrides), "started": started}
+              "command": "mean-shape predictor, run in the grid's process"
+              if cell.kind == "mean_shape" else
+              job_command(grid, "ddpm_landmarks.finetune", cell.config_path, cell.overrides),
+              "started": started}
     write_status(status_path, {**record, "status": "running"})
     label = f"[grid {index}/{total}] {cell.name}"
     print(f"{label} ...", flush=True)
     try:
-        if cell.pretraining is not None:
-            _ensure_pretraining(grid, cell.pretraining)
-        run_finetuning(grid, cell)
-        metrics = run_evaluation(grid, cell)
+        if cell.kind == "mean_shape":
+            metrics = run_mean_shape_cell(grid, cell)
+        else:
+            if cell.pretraining is not None:
+                _ensure_pretraining(grid, cell.pretraining)
+            run_finetuning(grid, cell)
+            metrics = run_evaluation(grid, cell)
     except JobFailed as err:
         status = {**record, "status": "failed", "error": str(err),
                   "wall_s": time.time() - started}

@@ -24,11 +24,13 @@ Experiment file (every key is checked, as in run configs):
       scratch:   {overrides: [model.preset=small]}
       imagenet:  {overrides: [model.encoder=resnet50]}
       chest_ddpm: {kind: checkpoint, checkpoint: runs/pretrain_chest/export}
+      mean_shape: {}
 
 Init kinds (INIT_KINDS): `ddpm` and the SSL methods (`simclr`, `moco_v2`, `moco_v3`) pretrain
 first (one run per distinct resolved pretraining config, shared by every cell that needs it:
 all budgets and seeds, and every dataset whose pretraining config resolves to the same);
-`imagenet`, `scratch` and `checkpoint` (an existing DDPM or SSL export) do not. The overrides
+`imagenet`, `scratch` and `checkpoint` (an existing DDPM or SSL export) do not; `mean_shape`
+is the trivial predictor (mean training landmark positions, no network). The overrides
 of a fine-tuning cell are applied in this order, the more specific later and winning: the
 grid's `finetune_overrides`, the dataset's, the init kind's own (KIND_OVERRIDES: architecture,
 init, weights path), the init's `overrides`, then the cell's (budget, seed, run folder, W&B
@@ -50,7 +52,8 @@ from ddpm_landmarks.training.finetune_config import FinetuneConfig
 log = logging.getLogger(__name__)
 
 PRETRAINED_KINDS = ("ddpm", "simclr", "moco_v2", "moco_v3")
-INIT_KINDS = PRETRAINED_KINDS + ("imagenet", "scratch", "checkpoint")
+# mean_shape: no network, the average training landmark positions (the trivial reference row).
+INIT_KINDS = PRETRAINED_KINDS + ("imagenet", "scratch", "checkpoint", "mean_shape")
 
 # Fine-tuning overrides of each init kind ({export} = the pretraining's or checkpoint's export
 # folder; SSL kinds also get model.encoder and model.gray_adapter from the pretraining config).
@@ -62,6 +65,7 @@ KIND_OVERRIDES: dict[str, list[str]] = {
     "imagenet": ["model.arch=smp_unet", "model.init=imagenet"],
     "scratch": ["model.init=scratch", "model.pretrained_path="],
     "checkpoint": ["model.init=pretrained", "model.pretrained_path={export}"],
+    "mean_shape": [],
 }
 
 
@@ -72,6 +76,7 @@ KIND_OVERRIDES: dict[str, list[str]] = {
 @dataclass
 class DatasetSpec:
     finetune: str = ""                  # fine-tuning config; "" = configs/finetune/<name>.yaml
+    eval_split: str = ""                # split the cells are scored on; "" = the grid's eval_split
     overrides: list[str] = field(default_factory=list)
     pretrain_overrides: list[str] = field(default_factory=list)
 
@@ -178,6 +183,7 @@ class Cell:
     config_path: str                    # fine-tuning config file
     overrides: list[str]                # complete, in order
     config: FinetuneConfig              # resolved (pretrained_path may not exist yet)
+    eval_split: str
     pretraining: Optional[Pretraining] = None
 
     @property
@@ -306,7 +312,8 @@ def build_plan(grid: GridConfig) -> Plan:
                             log.warning("cell %s fine-tunes at %d px a U-Net pretrained at %d px",
                                         name, cfg.data.image_size, job.config.data.image_size)
                     cells.append(Cell(dataset, init, kind, budget, seed, name, run_dir,
-                                      config_path, overrides, cfg, job))
+                                      config_path, overrides, cfg,
+                                      ds.eval_split or grid.eval_split, job))
     return Plan(grid, list(known.values()), cells)
 
 
@@ -317,6 +324,7 @@ def plan_summary(plan: Plan) -> dict:
                               "overrides": p.overrides, "users": p.users}
                              for p in plan.pretrainings],
             "cells": [{**c.key, "name": c.name, "kind": c.kind, "config": c.config_path,
+                       "eval_split": c.eval_split,
                        "overrides": c.overrides,
                        "pretraining": c.pretraining.name if c.pretraining else None}
                       for c in plan.cells]}
