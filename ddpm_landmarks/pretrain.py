@@ -12,7 +12,9 @@ trained on, for leakage audits), checkpoints/step_*/ (resumable), images/ (sampl
 the SSL views), the W&B / TensorBoard logs and, at the end, export/: for ddpm the EMA U-Net
 (`UNet2DModel.from_pretrained`) with its scheduler and the resolved config; for the SSL
 methods the encoder (encoder.safetensors + encoder.json, see methods.ssl_base). Fine-tuning
-loads either.
+loads either. With probe.every = M > 0 a few-shot landmark probe of the frozen features
+(evaluation/probe.py) runs every M steps: probe/* in metrics.jsonl and the trackers, and best/
+holds the export at the best probe MRE.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from accelerate.utils import set_seed
 
@@ -30,7 +32,7 @@ from ddpm_landmarks.config import ConfigError, load_config, save_config, to_dict
 from ddpm_landmarks.data.pretrain_data import build_pretrain_dataset, pool_weighted_subset
 from ddpm_landmarks.data.sample import DataError
 from ddpm_landmarks.methods import METHODS, SSL_METHODS
-from ddpm_landmarks.training.config import PretrainConfig, resolve_ssl_config
+from ddpm_landmarks.training.config import PretrainConfig, TrainConfig, resolve_ssl_config
 from ddpm_landmarks.training.engine import Trainer
 from ddpm_landmarks.training.trackers import flatten_config, log_image_grids, tracker_setup
 from ddpm_landmarks.utils.runs import setup_logging
@@ -67,6 +69,7 @@ def pretrain(cfg: PretrainConfig, method_name: Optional[str] = None) -> dict:
     method_name: overrides cfg.method (default: cfg.method, "ddpm" unless configured)."""
     cfg = _resolve_method(cfg, method_name)
     method_name = cfg.method
+    check_probe_config(cfg)
     # ------------------------------------------------------------------ run folder
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     main = _is_main_process()
@@ -113,14 +116,54 @@ def pretrain(cfg: PretrainConfig, method_name: Optional[str] = None) -> dict:
             accelerator.init_trackers(cfg.logger.project, config=flatten_config(config_dict),
                                       init_kwargs=init_kwargs)
 
-    trainer = Trainer(method, dataset, cfg.train, cfg.optim, run_dir, config_dict,
+    validate, train_cfg = build_probe(cfg, method)
+    trainer = Trainer(method, dataset, train_cfg, cfg.optim, run_dir, config_dict,
                       log_with=log_with, init_trackers=init_trackers,
-                      log_images=log_image_grids)
+                      log_images=log_image_grids, validate=validate, monitor=PROBE_MONITOR)
     summary = trainer.fit()
     if main:
         log.info("done: step %d, loss %.4f, %.1f images/s; export in %s", summary["step"],
                  summary["loss"], summary["images_per_s"], run_dir / "export")
+        if validate is not None:
+            log.info("best %s %.4f at step %d: export in %s", PROBE_MONITOR, summary["best"],
+                     summary["best_step"], run_dir / "best")
     return summary
+
+
+PROBE_MONITOR = "probe/mre"
+
+
+def check_probe_config(cfg: PretrainConfig) -> None:
+    """The engine's validation settings that pretraining does not take. Early stopping stays
+    off: a probe picks a checkpoint, it does not end the run."""
+    if cfg.train.early_stopping_patience:
+        raise ConfigError("train.early_stopping_patience: pretraining does not stop early; "
+                          "the landmark probe (probe.every) only selects best/")
+    if cfg.train.eval_every:
+        raise ConfigError("train.eval_every: pretraining has no validation of its own; the "
+                          "landmark probe's interval is probe.every")
+
+
+def build_probe(cfg: PretrainConfig, method) -> tuple[Optional[Callable], TrainConfig]:
+    """(the engine's validate hook, the TrainConfig it runs with) for `cfg.probe`.
+
+    Pretraining has no validation of its own: with probe.every > 0 the engine's validation
+    (every train.eval_every steps and at the end, main process, EMA weights, best/ export) runs
+    the landmark probe, so its interval is probe.every."""
+    check_probe_config(cfg)
+    if not cfg.probe.every:
+        return None, cfg.train
+    features = getattr(method, "probe_features", None)
+    if features is None:
+        raise ConfigError(f"probe.every: method {cfg.method!r} has no probe_features, so it "
+                          f"cannot be probed; set probe.every=0")
+    from ddpm_landmarks.evaluation.probe import LandmarkProbe
+    # Built on every process (20 images), so a bad probe config fails everywhere at once; the
+    # engine calls it on the main process only.
+    probe = LandmarkProbe(cfg.probe, cfg.data, features)
+    if _is_main_process():
+        log.info("%s, every %d steps", probe.describe(), cfg.probe.every)
+    return probe, dataclasses.replace(cfg.train, eval_every=cfg.probe.every)
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:

@@ -183,6 +183,30 @@ class DDPMMethod:
         finally:
             model.train(was_training)
 
+    # -- landmark probe (evaluation/probe.py) ------------------------------------------------
+
+    @torch.no_grad()
+    def probe_features(self, model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+        """Decoder activations at t = 0 (clean input): the mid block's and every up block's
+        output (tiny at 64 px: 64@16, 64@32, 64@64, 32@64 channels@side), for the probe's
+        hypercolumn. The last features alone (conv_out's input, what fine-tuning's head sees)
+        probe worse than a random network's hypercolumn: at t = 0 they only encode noise."""
+        unet = _unwrap(model)
+        captured: list[torch.Tensor] = []
+
+        def keep(_module, _args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        hooks = [block.register_forward_hook(keep) for block in (unet.mid_block, *unet.up_blocks)]
+        try:
+            dtype = next(unet.parameters()).dtype
+            t = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+            unet(images.to(dtype), t)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return captured
+
     # -- export -----------------------------------------------------------------------------
 
     def export(self, model: torch.nn.Module, out_dir: Path, config_dict: dict) -> None:

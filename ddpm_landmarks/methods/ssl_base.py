@@ -297,6 +297,18 @@ class ContrastiveMethod:
         two = (batch["view2"][:n].float().cpu().clamp(-1, 1) + 1) / 2
         return {"views": make_grid(torch.cat([one, two]), nrow=n, padding=2, pad_value=1.0)}
 
+    # -- landmark probe (evaluation/probe.py) ------------------------------------------------
+
+    @torch.no_grad()
+    def probe_features(self, model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+        """The exported (online) encoder's five stages (strides 2 to 32), for the probe's
+        hypercolumn."""
+        encoder = unwrap(model).encoder
+        x = images.to(next(encoder.parameters()).dtype)
+        if x.shape[1] == 1 and self.cfg.in_channels != 1:
+            x = x.repeat(1, self.cfg.in_channels, 1, 1)
+        return list(encoder(x)[1:])        # [0] is the input itself
+
     # -- export ------------------------------------------------------------------------------
 
     def export(self, model: nn.Module, out_dir: Path, config_dict: dict) -> None:

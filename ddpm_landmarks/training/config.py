@@ -154,6 +154,29 @@ def resolve_ssl_config(method: str, ssl: SSLConfig, encoder_channels: int) -> SS
 
 
 @dataclass
+class ProbeConfig:
+    """Few-shot landmark probe during pretraining (evaluation/probe.py): every `every` optimiser
+    steps, a linear heatmap head is fitted (in closed form) on the FROZEN features of the
+    current (EMA) model for `num_train` labelled images and scored on `num_val` others (MRE /
+    SDR in the dataset's unit, logged as probe/*); run_dir/best/ keeps the export at the best
+    probe MRE."""
+    every: int = 0                      # optimiser steps; 0 = off
+    dataset: str = ""                   # a dataset config (its data section); "" = this run's data
+    split: str = ""                     # labelled pool; "" = data.train_split (never a test split)
+    num_train: int = 10                 # labelled images the head is trained on
+    num_val: int = 10                   # images it is scored on, drawn from the rest of the pool
+    seed: int = 0                       # of the image draw
+    sigma: float = 2.0                  # Gaussian targets, model-grid pixels
+    foreground_weight: float = 5.0      # of the heatmap MSE (training/heatmap_losses.py)
+    ridge: float = 0.01                 # L2 penalty of the head (features are standardised)
+    # Feature maps are resized to the finest one's side, at most feature_size, before the
+    # head; memory ~ channels x side^2 x num_train floats (tiny at 64 px: 224 x 64^2 x 10).
+    feature_size: int = 64
+    batch_size: int = 16                # feature-extraction batch
+    sdr_thresholds: Optional[list[float]] = None  # None = the dataset's usual radii
+
+
+@dataclass
 class PretrainConfig:
     # ddpm = diffusion pretraining of a U-Net (model, diffusion, augment sections);
     # simclr | moco_v2 | moco_v3 = contrastive pretraining of an smp encoder (ssl section).
@@ -167,5 +190,6 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
