@@ -1,28 +1,35 @@
 """What a grid will cost before it runs: `ddpm-landmarks grid EXPERIMENT --dry-run`.
 
-Per job: training images (optimiser steps x batch x processes x accumulation) times the FLOPs
-of one training image (forward + backward, counted by torch's FlopCounterMode on the job's own
-network and loss at its resolution), and a time at EFFICIENCY of this machine's matmul peak,
-measured now. It counts training steps only (validation and the test evaluation add a few %)
-and is an upper bound when early stopping ends a run sooner. The number of landmarks changes
-only the head's FLOPs, so networks are counted with data.num_landmarks or 19.
+Per job: training images (optimiser steps x batch x processes x accumulation), the FLOPs of one
+training image (forward + backward of the job's own network and loss at its resolution,
+counted by torch's FlopCounterMode) and a time from a measurement, not an assumed efficiency:
+a few forward + backward steps of that network (random init, same architecture; the pretrained
+weights may not exist yet) are timed on this machine at the job's own batch size, under its
+mixed precision. The FLOP rate this gives is printed as a share of this machine's matmul peak
+(measured too). Training steps only: validation and the test evaluation add a few %, data
+loading is not timed, and early stopping ends runs sooner. Networks are counted with
+data.num_landmarks or 19 landmarks (only the head depends on it).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm_landmarks.experiments.grid_config import Cell, Plan, Pretraining
 
-# Share of the matmul peak a training step reaches: the fine-tuning and pretraining
-# benchmarks measured 36-56 % on the 2-core CPU (experiments/bench/results_*.md).
-EFFICIENCY = 0.4
+PROFILE_STEPS = 2          # timed steps at the job's batch size, after one (counted) warm-up
 _DEFAULT_LANDMARKS = 19
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32,
@@ -32,43 +39,59 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32,
     b = torch.randn(n, n, device=device, dtype=dtype)
     times = []
     for i in range(reps + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
         torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         if i >= 2:
             times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
-def _count(fn) -> int:
+def _autocast(device: torch.device, precision: str):
+    if precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16"
+                          else torch.float16)
+
+
+def profile_step(step: Callable[[], None], device: torch.device, precision: str
+                 ) -> tuple[float, float]:
+    """(FLOPs, seconds) of one call of `step` (forward + backward of one batch)."""
     counter = FlopCounterMode(display=False)
     with counter:
-        fn()
-    return counter.get_total_flops()
+        step()                                     # also the warm-up
+    times = []
+    for _ in range(PROFILE_STEPS):
+        _sync(device)
+        t0 = time.perf_counter()
+        with _autocast(device, precision):
+            step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(counter.get_total_flops()), min(times)
 
 
-def pretrain_flops_per_image(job: Pretraining) -> float:
-    """Forward + backward FLOPs of the method's loss per image (2 images, halved: BatchNorm
-    in SSL heads needs more than one)."""
+def pretrain_step(job: Pretraining, device: torch.device, batch_size: int
+                  ) -> Callable[[], None]:
+    """Forward + backward of the method's own loss on one batch."""
     from ddpm_landmarks.methods import METHODS, SSL_METHODS
     cfg = job.config
     method = METHODS[cfg.method](cfg)
+    model = method.model.to(device)
     size = cfg.data.image_size
-    image = torch.zeros(2, 1, size, size)
+    image = torch.zeros(batch_size, 1, size, size, device=device)
     batch = {"view1": image, "view2": image.clone()} if cfg.method in SSL_METHODS else image
+    generator = torch.Generator(device=device)
 
     def step() -> None:
-        loss, _ = method.loss(method.model, batch, generator=torch.Generator().manual_seed(0))
+        loss, _ = method.loss(model, batch, generator=generator.manual_seed(0))
         loss.backward()
-    return _count(step) / 2
+    return step
 
 
-def finetune_flops_per_image(cell: Cell) -> float:
-    """Forward + backward FLOPs of the cell's regressor per image. The network is built at
-    random init with the same architecture (the pretrained weights may not exist yet)."""
+def finetune_step(cell: Cell, device: torch.device, batch_size: int) -> Callable[[], None]:
+    """Forward + backward of the cell's regressor on one batch."""
     from ddpm_landmarks.models.regressor import build_regressor
     cfg = cell.config
     model_cfg = cfg.model
@@ -78,10 +101,10 @@ def finetune_flops_per_image(cell: Cell) -> float:
     elif cell.kind in ("simclr", "moco_v2", "moco_v3", "imagenet"):
         model_cfg = dataclasses.replace(model_cfg, init="scratch", pretrained_path="")
     model = build_regressor(model_cfg, cfg.data.num_landmarks or _DEFAULT_LANDMARKS,
-                            cfg.data.image_size)
+                            cfg.data.image_size).to(device).train()
     size = cfg.data.image_size
-    images = torch.zeros(2, 1, size, size)
-    return _count(lambda: model(images).square().mean().backward()) / 2
+    images = torch.zeros(batch_size, 1, size, size, device=device)
+    return lambda: model(images).float().square().mean().backward()
 
 
 def _images(train_cfg, num_processes: int) -> int:
@@ -90,31 +113,43 @@ def _images(train_cfg, num_processes: int) -> int:
 
 def estimate(plan: Plan, done_cells: set[str], done_pretrainings: set[str],
              device: Optional[torch.device] = None) -> dict:
-    """Rows for every pretraining and cell (FLOPs, minutes) and the total of what is not done."""
+    """Rows for every pretraining and cell (FLOPs, measured rate, minutes) and the total of
+    what is not done yet."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     procs = plan.grid.launcher.num_processes if plan.grid.launcher.kind == "accelerate" else 1
-    peak = matmul_peak_gflops(device)
-    cache: dict[tuple, float] = {}
+    peaks: dict[str, float] = {}
+    profiles: dict[tuple, tuple[float, float]] = {}
     rows, total = [], 0.0
 
-    def add(kind: str, name: str, train_cfg, per_image: float, done: bool, note: str) -> None:
+    def add(kind: str, name: str, train_cfg, key: tuple, make_step, done: bool,
+            note: str) -> None:
         nonlocal total
+        precision = train_cfg.mixed_precision
+        if precision not in peaks:
+            peaks[precision] = matmul_peak_gflops(device, {"no": torch.float32,
+                                                           "bf16": torch.bfloat16,
+                                                           "fp16": torch.float16}[precision])
+        batch = train_cfg.batch_size
+        if key + (precision, batch) not in profiles:
+            profiles[key + (precision, batch)] = profile_step(make_step(batch), device, precision)
+        flops, seconds = profiles[key + (precision, batch)]
         images = _images(train_cfg, procs)
-        flops = images * per_image
-        minutes = flops / (EFFICIENCY * peak * 1e9) / 60 / procs   # processes run in parallel
+        minutes = images * seconds / batch / 60 / procs   # processes run in parallel
         rows.append({"kind": kind, "name": name, "steps": train_cfg.max_steps,
-                     "images": images, "gflop_per_image": per_image / 1e9,
-                     "tflop": flops / 1e12, "minutes": minutes, "done": done, "note": note})
+                     "images": images, "precision": precision,
+                     "gflop_per_image": flops / batch / 1e9,
+                     "tflop": images * flops / batch / 1e12,
+                     "peak_share": flops / seconds / 1e9 / peaks[precision],
+                     "minutes": minutes, "done": done, "note": note})
         if not done:
             total += minutes
 
     for job in plan.pretrainings:
         cfg = job.config
-        key = ("pretrain", cfg.method, cfg.model.preset, cfg.ssl.encoder, cfg.data.image_size)
-        if key not in cache:
-            cache[key] = pretrain_flops_per_image(job)
-        add("pretrain", job.name, cfg.train, cache[key], job.name in done_pretrainings,
-            f"{job.method}, shared by {len(job.users)} cells")
+        key = ("pretrain", cfg.method, cfg.model.preset, cfg.ssl.encoder, cfg.ssl.in_channels,
+               cfg.data.image_size)
+        add("pretrain", job.name, cfg.train, key, lambda b: pretrain_step(job, device, b),
+            job.name in done_pretrainings, f"{job.method}, shared by {len(job.users)} cells")
     for cell in plan.cells:
         if cell.kind == "mean_shape":
             continue                   # no network: seconds
@@ -122,25 +157,28 @@ def estimate(plan: Plan, done_cells: set[str], done_pretrainings: set[str],
         preset = cell.pretraining.config.model.preset if cell.pretraining else m.preset
         key = ("finetune", m.arch, preset, m.encoder, m.gray_adapter, m.head,
                cell.config.data.image_size)
-        if key not in cache:
-            cache[key] = finetune_flops_per_image(cell)
-        add("cell", cell.name, cell.config.train, cache[key], cell.name in done_cells,
+        add("cell", cell.name, cell.config.train, key, lambda b: finetune_step(cell, device, b),
+            cell.name in done_cells,
             f"pretraining {cell.pretraining.name}" if cell.pretraining else cell.kind)
-    return {"rows": rows, "minutes_left": total, "peak_gflops": peak, "device": str(device),
-            "efficiency": EFFICIENCY, "processes": procs}
+    return {"rows": rows, "minutes_left": total, "peak_gflops": peaks, "device": str(device),
+            "processes": procs}
 
 
 def format_estimate(plan: Plan, est: dict) -> str:
     lines = [f"grid {plan.grid.name}: {len(plan.cells)} cells, {len(plan.pretrainings)} shared "
              f"pretraining(s); folder {plan.grid.grid_dir}", "",
-             "| job | name | steps | images | GFLOP/img | TFLOP | est. min | status | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| job | name | steps | images | precision | GFLOP/img | TFLOP | % of peak "
+             "| est. min | status | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in est["rows"]:
         lines.append(f"| {r['kind']} | {r['name']} | {r['steps']} | {r['images']} | "
-                     f"{r['gflop_per_image']:.2f} | {r['tflop']:.2f} | {r['minutes']:.1f} | "
+                     f"{'fp32' if r['precision'] == 'no' else r['precision']} | "
+                     f"{r['gflop_per_image']:.2f} | {r['tflop']:.2f} | "
+                     f"{100 * r['peak_share']:.0f} | {r['minutes']:.1f} | "
                      f"{'done' if r['done'] else 'to run'} | {r['note']} |")
-    lines += ["", f"left to run: ~{est['minutes_left']:.0f} min at {100 * est['efficiency']:.0f}% "
-              f"of the measured fp32 matmul peak ({est['peak_gflops']:.0f} GFLOP/s on "
-              f"{est['device']}, {est['processes']} process(es) per job); training steps only, "
-              f"an upper bound with early stopping"]
+    peaks = ", ".join(f"{'fp32' if k == 'no' else k} {v:.0f}"
+                      for k, v in est["peak_gflops"].items())
+    lines += ["", f"left to run: ~{est['minutes_left']:.0f} min of training steps, from "
+              f"{PROFILE_STEPS} timed steps per network at the jobs' batch sizes on "
+              f"{est['device']} ({est['processes']} process(es) per job; matmul peak measured "
+              f"now: {peaks} GFLOP/s); data loading, validation and evaluation not included"]
     return "\n".join(lines)

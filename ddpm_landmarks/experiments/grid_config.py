@@ -89,6 +89,9 @@ class InitSpec:
     pretrain: str = ""
     pretrain_overrides: list[str] = field(default_factory=list)
     checkpoint: str = ""                # kind=checkpoint: an export folder (DDPM U-Net or SSL)
+    # Which weights of the pretraining the cells fine-tune: its last step ("export") or the step
+    # with the best landmark probe ("best": needs probe.every > 0 in the pretraining config).
+    pretrain_weights: Literal["export", "best"] = "export"
     overrides: list[str] = field(default_factory=list)
 
 
@@ -168,6 +171,7 @@ class Pretraining:
 
     @property
     def export_dir(self) -> Path:
+        """The last step's export (what the job must have written to count as done)."""
         return self.run_dir / "export"
 
 
@@ -286,7 +290,10 @@ def build_plan(grid: GridConfig) -> Plan:
             export = None
             if kind in PRETRAINED_KINDS:
                 job = _plan_pretraining(grid, init, spec, kind, dataset, ds, known)
-                export = job.export_dir
+                export = job.run_dir / spec.pretrain_weights
+                if spec.pretrain_weights == "best" and not job.config.probe.every:
+                    raise ConfigError(f"inits.{init}.pretrain_weights=best needs the landmark "
+                                      f"probe in its pretraining (probe.every > 0)")
             elif kind == "checkpoint":
                 export = Path(spec.checkpoint)
             init_overrides = grid.finetune_overrides + ds.overrides + \
