@@ -7,11 +7,13 @@ import yaml
 from ddpm_landmarks.config import ConfigError, ExperimentConfig, load_config, save_config, to_dict
 from ddpm_landmarks.training.config import PretrainConfig
 from ddpm_landmarks.training.finetune_config import FinetuneConfig
+from ddpm_landmarks.training.classify_config import ClassifyConfig
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 # Each config folder and the class its files are read as (a new folder is added here).
 CONFIG_CLASSES = {".": ExperimentConfig, "pretrain": PretrainConfig,
-                  "finetune": FinetuneConfig, "finetune/baselines": FinetuneConfig}
+                  "finetune": FinetuneConfig, "finetune/baselines": FinetuneConfig,
+                  "classify": ClassifyConfig}
 CONFIGS = [pytest.param(path, cls, id=path.relative_to(CONFIG_ROOT).as_posix())
            for folder, cls in CONFIG_CLASSES.items()
            for path in sorted((CONFIG_ROOT / folder).glob("*.yaml"))]

@@ -7,6 +7,7 @@ import sys
 from ddpm_landmarks.cli import (data_commands, evaluate_command, finetune_command, grid_command,
                                 mean_shape_command, predict_command, pretrain_command,
                                 report_command)
+from ddpm_landmarks.cli import classify_command
 from ddpm_landmarks.config import ConfigError
 from ddpm_landmarks.data.sample import DataError
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_command.add_parser(subparsers)
     grid_command.add_parser(subparsers)
     report_command.add_parser(subparsers)
+    classify_command.add_parser(subparsers)
     return parser
 
 
