@@ -1,9 +1,10 @@
 """`ddpm-landmarks grid EXPERIMENT.yaml [--dry-run] [--only PATTERN] [overrides]`.
 
 Runs every cell of an experiment grid that is not finished yet (see experiments/grid.py), then
-writes the report. --dry-run prints the cells, the shared pretrainings and their estimated cost
-without running anything. Overrides are dotted keys of the experiment file, e.g. `seeds=[0]`,
-`launcher.kind=accelerate`, `inits.ddpm.pretrain_overrides=[train.max_steps=100]`.
+writes the report. --dry-run prints the cells, the shared pretrainings and source fine-tunings
+and their estimated cost without running anything. Overrides are dotted keys of the experiment
+file, e.g. `seeds=[0]`, `launcher.kind=accelerate`,
+`inits.ddpm.pretrain_overrides=[train.max_steps=100]`.
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import argparse
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from ddpm_landmarks.experiments.grid import (CELL_STATUS, PRETRAIN_STATUS, read_status,
-                                                 run_grid, select_cells)
+    from ddpm_landmarks.experiments.grid import (CELL_STATUS, PRETRAIN_STATUS, SOURCE_STATUS,
+                                                 read_status, run_grid, select_cells)
     from ddpm_landmarks.experiments.grid_config import build_plan, load_grid
     from ddpm_landmarks.utils.runs import setup_logging
 
@@ -26,7 +27,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
                       if read_status(c.run_dir / CELL_STATUS).get("status") == "done"}
         done_pre = {p.name for p in plan.pretrainings
                     if read_status(p.run_dir / PRETRAIN_STATUS).get("status") == "done"}
-        print(format_estimate(plan, estimate(plan, done_cells, done_pre)))
+        done_src = {s.name for s in plan.sources
+                    if read_status(s.run_dir / SOURCE_STATUS).get("status") == "done"}
+        print(format_estimate(plan, estimate(plan, done_cells, done_pre,
+                                             done_sources=done_src)))
         return 0
     outcome = run_grid(grid, only=args.only, report=not args.no_report)
     return 1 if outcome["failed"] else 0

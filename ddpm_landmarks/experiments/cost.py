@@ -1,8 +1,9 @@
 """What a grid will cost before it runs: `ddpm-landmarks grid EXPERIMENT --dry-run`.
 
-Per job: training images (optimiser steps x batch x processes x accumulation), the FLOPs of one
-training image (forward + backward of the job's own network and loss at its resolution,
-counted by torch's FlopCounterMode) and a time from a measurement, not an assumed efficiency:
+Per job (pretraining, source fine-tuning, cell): training images (optimiser steps x batch x
+processes x accumulation), the FLOPs of one training image (forward + backward of the job's own
+network and loss at its resolution, counted by torch's FlopCounterMode) and a time from a
+measurement, not an assumed efficiency:
 a few forward + backward steps of that network (random init, same architecture; the pretrained
 weights may not exist yet) are timed on this machine at the job's own batch size, under its
 mixed precision. The FLOP rate this gives is printed as a share of this machine's matmul peak
@@ -21,7 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpm_landmarks.experiments.grid_config import Cell, Plan, Pretraining
+from ddpm_landmarks.experiments.grid_config import Cell, Plan, Pretraining, SourceJob
 
 PROFILE_STEPS = 2          # timed steps at the job's batch size, after one (counted) warm-up
 _DEFAULT_LANDMARKS = 19
@@ -90,16 +91,26 @@ def pretrain_step(job: Pretraining, device: torch.device, batch_size: int
     return step
 
 
-def finetune_step(cell: Cell, device: torch.device, batch_size: int) -> Callable[[], None]:
-    """Forward + backward of the cell's regressor on one batch."""
+def body_preset(job: Cell | SourceJob) -> str:
+    """The DDPM U-Net preset of the weights a fine-tuning job starts from: its pretraining's,
+    its source job's (recursively), else its own config's."""
+    if job.pretraining is not None:
+        return job.pretraining.config.model.preset
+    if job.source is not None:
+        return body_preset(job.source)
+    return job.config.model.preset
+
+
+def finetune_step(job: Cell | SourceJob, device: torch.device, batch_size: int
+                  ) -> Callable[[], None]:
+    """Forward + backward of the regressor of a cell or source job on one batch."""
     from ddpm_landmarks.models.regressor import build_regressor
-    cfg = cell.config
+    cfg = job.config
     model_cfg = cfg.model
-    if cell.kind == "ddpm" and cell.pretraining is not None:
+    if job.dependencies or model_cfg.init == "imagenet":
+        # Weights that may not exist yet (or need a download): the same network at random init.
         model_cfg = dataclasses.replace(model_cfg, init="scratch", pretrained_path="",
-                                        preset=cell.pretraining.config.model.preset)
-    elif cell.kind in ("simclr", "moco_v2", "moco_v3", "imagenet"):
-        model_cfg = dataclasses.replace(model_cfg, init="scratch", pretrained_path="")
+                                        preset=body_preset(job))
     model = build_regressor(model_cfg, cfg.data.num_landmarks or _DEFAULT_LANDMARKS,
                             cfg.data.image_size).to(device).train()
     size = cfg.data.image_size
@@ -112,9 +123,10 @@ def _images(train_cfg, num_processes: int) -> int:
 
 
 def estimate(plan: Plan, done_cells: set[str], done_pretrainings: set[str],
-             device: Optional[torch.device] = None) -> dict:
-    """Rows for every pretraining and cell (FLOPs, measured rate, minutes) and the total of
-    what is not done yet."""
+             device: Optional[torch.device] = None,
+             done_sources: frozenset[str] | set[str] = frozenset()) -> dict:
+    """Rows for every pretraining, source fine-tuning and cell (FLOPs, measured rate, minutes)
+    and the total of what is not done yet."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     procs = plan.grid.launcher.num_processes if plan.grid.launcher.kind == "accelerate" else 1
     peaks: dict[str, float] = {}
@@ -150,23 +162,30 @@ def estimate(plan: Plan, done_cells: set[str], done_pretrainings: set[str],
                cfg.data.image_size)
         add("pretrain", job.name, cfg.train, key, lambda b: pretrain_step(job, device, b),
             job.name in done_pretrainings, f"{job.method}, shared by {len(job.users)} cells")
+    def finetune_key(job: Cell | SourceJob) -> tuple:
+        m = job.config.model
+        return ("finetune", m.arch, body_preset(job), m.encoder, m.gray_adapter, m.head,
+                job.config.data.image_size, job.config.data.num_landmarks)
+
+    for src in plan.sources:
+        add("source", src.name, src.config.train, finetune_key(src),
+            lambda b: finetune_step(src, device, b), src.name in done_sources,
+            f"{src.config.data.dataset} labels, shared by {len(src.users)} jobs")
     for cell in plan.cells:
         if cell.kind == "mean_shape":
             continue                   # no network: seconds
-        m = cell.config.model
-        preset = cell.pretraining.config.model.preset if cell.pretraining else m.preset
-        key = ("finetune", m.arch, preset, m.encoder, m.gray_adapter, m.head,
-               cell.config.data.image_size)
-        add("cell", cell.name, cell.config.train, key, lambda b: finetune_step(cell, device, b),
-            cell.name in done_cells,
-            f"pretraining {cell.pretraining.name}" if cell.pretraining else cell.kind)
+        note = (f"pretraining {cell.pretraining.name}" if cell.pretraining else
+                f"source {cell.source.name}" if cell.source else cell.kind)
+        add("cell", cell.name, cell.config.train, finetune_key(cell),
+            lambda b: finetune_step(cell, device, b), cell.name in done_cells, note)
     return {"rows": rows, "minutes_left": total, "peak_gflops": peaks, "device": str(device),
             "processes": procs}
 
 
 def format_estimate(plan: Plan, est: dict) -> str:
     lines = [f"grid {plan.grid.name}: {len(plan.cells)} cells, {len(plan.pretrainings)} shared "
-             f"pretraining(s); folder {plan.grid.grid_dir}", "",
+             f"pretraining(s), {len(plan.sources)} shared source fine-tuning(s); folder "
+             f"{plan.grid.grid_dir}", "",
              "| job | name | steps | images | precision | GFLOP/img | TFLOP | % of peak "
              "| est. min | status | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in est["rows"]:

@@ -1,21 +1,23 @@
-"""Run an experiment grid: shared pretrainings, then every cell (fine-tune + evaluate), one
-after another, surviving interruptions.
+"""Run an experiment grid: every cell (fine-tune + evaluate), one after another, each after the
+shared jobs it starts from (pretrainings, source fine-tunings), surviving interruptions.
 
     ddpm-landmarks grid experiments/cpu-small.yaml [--dry-run] [--only PATTERN] [overrides]
 
 Layout of <output_dir>/<name>/:
     grid.json                    the plan: resolved grid, every job's config file and overrides
     pretrain/<init>-<hash>/      a pretraining run (+ pretraining.json: status)
+    sources/<init>-<hash>/       a supervised source fine-tuning (+ source.json: status)
     cells/<dataset>-<init>-N<budget>-s<seed>/
                                  a fine-tuning run, its eval_<split>/ and cell.json (status,
                                  command, wall time, metrics, or the error of a failed cell)
     job_logs/<job>.log           stdout + stderr of each job run as a process
     report/                      `ddpm-landmarks report` output, refreshed at the end
 
-Restart = run the same command again: finished pretrainings and cells (status "done") are
-skipped; an interrupted one resumes from its last checkpoint (every job runs with
-train.resume=latest); failed ones are tried again. A failing job is recorded with its error
-and the grid carries on with the cells that do not depend on it.
+Restart = run the same command again: finished shared jobs (pretrainings, source
+fine-tunings: grid_jobs.py) and cells (status "done") are skipped; an interrupted one resumes
+from its last checkpoint (every job runs with train.resume=latest); failed ones are tried
+again. A failing job is recorded with its error and the grid carries on with the cells that do
+not depend on it.
 """
 from __future__ import annotations
 
@@ -33,13 +35,15 @@ from typing import Callable, Iterator, Optional
 
 from ddpm_landmarks.config import ConfigError
 from ddpm_landmarks.experiments.grid_config import (Cell, GridConfig, Plan, Pretraining,
-                                                    budget_label, build_plan, plan_summary)
+                                                    SourceJob, budget_label, build_plan,
+                                                    plan_summary)
 from ddpm_landmarks.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 CELL_STATUS = "cell.json"
-PRETRAIN_STATUS = "pretraining.json"
+PRETRAIN_STATUS = Pretraining.status_file
+SOURCE_STATUS = SourceJob.status_file
 
 
 class JobFailed(RuntimeError):
@@ -136,14 +140,19 @@ def _inline(fn: Callable[[], object]) -> None:
         raise JobFailed(f"{type(err).__name__}: {err}") from err
 
 
-def run_pretraining(grid: GridConfig, job: Pretraining) -> None:
+def run_shared_job(grid: GridConfig, job: Pretraining | SourceJob) -> None:
+    """A pretraining or a source fine-tuning, by the grid's launcher."""
     if grid.launcher.kind == "inline":
-        from ddpm_landmarks.pretrain import pretrain
-        _inline(lambda: pretrain(job.config))
+        if isinstance(job, Pretraining):
+            from ddpm_landmarks.pretrain import pretrain as run
+        else:
+            from ddpm_landmarks.finetune import finetune as run
+        _inline(lambda: run(job.config))
         return
-    _run_process(_module_command(grid, "ddpm_landmarks.pretrain", job.config_path, job.overrides,
+    prefix = "pretrain" if isinstance(job, Pretraining) else "source"
+    _run_process(_module_command(grid, job.module, job.config_path, job.overrides,
                                  distributed=True),
-                 grid.grid_dir / "job_logs" / f"pretrain-{job.name}.log")
+                 grid.grid_dir / "job_logs" / f"{prefix}-{job.name}.log")
 
 
 def run_finetuning(grid: GridConfig, cell: Cell) -> None:
@@ -193,34 +202,38 @@ def job_command(grid: GridConfig, module: str, config: str, overrides: list[str]
 # The grid
 # ----------------------------------------------------------------------------------------------
 
-def _ensure_pretraining(grid: GridConfig, job: Pretraining) -> None:
-    """Run (or resume) a shared pretraining unless it is done; JobFailed if it fails."""
-    status_path = job.run_dir / PRETRAIN_STATUS
+def _ensure_job(grid: GridConfig, job: Pretraining | SourceJob) -> None:
+    """Run (or resume) a shared job unless it is done, after the jobs it starts from; JobFailed
+    if it or one of those fails (tried once per grid run, however many cells need it)."""
+    for dependency in job.dependencies:
+        _ensure_job(grid, dependency)
+    status_path = job.run_dir / job.status_file
     status = read_status(status_path)
     if status.get("status") == "done" and job.export_dir.is_dir():
         return
     if status.get("status") == "failed" and status.get("attempt_of_this_run"):
-        raise JobFailed(f"pretraining {job.name} failed: {status.get('error')}")
+        raise JobFailed(f"{job.label} {job.name} failed: {status.get('error')}")
     job.run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    record = {"name": job.name, "method": job.method, "users": job.users,
-              "command": job_command(grid, "ddpm_landmarks.pretrain", job.config_path,
-                                     job.overrides), "started": started}
+    record = {"name": job.name, **job.status_fields(), "users": job.users,
+              "command": job_command(grid, job.module, job.config_path, job.overrides),
+              "started": started}
     write_status(status_path, {**record, "status": "running"})
-    print(f"[grid] pretraining {job.name} ({job.method}, {len(job.users)} cells) ...", flush=True)
+    fields = ", ".join(f"{k} {v}" for k, v in job.status_fields().items())
+    print(f"[grid] {job.label} {job.name} ({fields}; for {len(job.users)} jobs) ...", flush=True)
     try:
-        run_pretraining(grid, job)
+        run_shared_job(grid, job)
         if not job.export_dir.is_dir():
             raise JobFailed(f"finished without writing {job.export_dir}")
     except JobFailed as err:
         write_status(status_path, {**record, "status": "failed", "error": str(err),
                                    "wall_s": time.time() - started, "attempt_of_this_run": True})
-        print(f"[grid] pretraining {job.name} FAILED: {err}", flush=True)
-        raise JobFailed(f"pretraining {job.name} failed: {err}") from None
+        print(f"[grid] {job.label} {job.name} FAILED: {err}", flush=True)
+        raise JobFailed(f"{job.label} {job.name} failed: {err}") from None
     wall = time.time() - started
     write_status(status_path, {**record, "status": "done", "wall_s": wall,
                                "finished": time.time()})
-    print(f"[grid] pretraining {job.name} done in {wall:.0f} s", flush=True)
+    print(f"[grid] {job.label} {job.name} done in {wall:.0f} s", flush=True)
 
 
 def _metrics_record(metrics: dict) -> dict:
@@ -236,6 +249,7 @@ def run_cell(grid: GridConfig, cell: Cell, index: int, total: int) -> dict:
     record = {**cell.key, "budget_label": budget_label(cell.budget), "name": cell.name,
               "kind": cell.kind, "eval_split": cell.eval_split,
               "pretraining": cell.pretraining.name if cell.pretraining else None,
+              "source": cell.source.name if cell.source else None,
               "command": "mean-shape predictor, run in the grid's process"
               if cell.kind == "mean_shape" else
               job_command(grid, "ddpm_landmarks.finetune", cell.config_path, cell.overrides),
@@ -247,8 +261,8 @@ def run_cell(grid: GridConfig, cell: Cell, index: int, total: int) -> dict:
         if cell.kind == "mean_shape":
             metrics = run_mean_shape_cell(grid, cell)
         else:
-            if cell.pretraining is not None:
-                _ensure_pretraining(grid, cell.pretraining)
+            for job in cell.dependencies:
+                _ensure_job(grid, job)
             run_finetuning(grid, cell)
             metrics = run_evaluation(grid, cell)
     except JobFailed as err:
@@ -289,11 +303,11 @@ def run_grid(grid: GridConfig, only: Optional[str] = None, report: bool = True) 
     outcome: dict[str, list[str]] = {"done": [], "failed": [], "skipped": []}
     with grid_lock(grid_dir):
         write_status(grid_dir / "grid.json", {**plan_summary(plan), "started": time.time()})
-        # A pretraining that failed earlier is tried again once in this run, not once per cell.
-        for job in plan.pretrainings:
-            status = read_status(job.run_dir / PRETRAIN_STATUS)
+        # A shared job that failed earlier is tried again once in this run, not once per cell.
+        for job in plan.pretrainings + plan.sources:
+            status = read_status(job.run_dir / job.status_file)
             if status.get("attempt_of_this_run"):
-                write_status(job.run_dir / PRETRAIN_STATUS,
+                write_status(job.run_dir / job.status_file,
                              {**status, "attempt_of_this_run": False})
         t0 = time.time()
         for i, cell in enumerate(cells, 1):

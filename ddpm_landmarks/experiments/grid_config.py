@@ -25,12 +25,20 @@ Experiment file (every key is checked, as in run configs):
       imagenet:  {overrides: [model.encoder=resnet50]}
       chest_ddpm: {kind: checkpoint, checkpoint: runs/pretrain_chest/export}
       mean_shape: {}
+      spine_unet:                           # landmarks of another dataset first (grid_jobs.py)
+        kind: supervised
+        source: configs/finetune/aasce_spine.yaml
+        source_init: imagenet               # ImageNet -> spine -> each dataset
+        source_overrides: [fewshot.budget=null]
 
 Init kinds (INIT_KINDS): `ddpm` and the SSL methods (`simclr`, `moco_v2`, `moco_v3`) pretrain
 first (one run per distinct resolved pretraining config, shared by every cell that needs it:
 all budgets and seeds, and every dataset whose pretraining config resolves to the same);
 `imagenet`, `scratch` and `checkpoint` (an existing DDPM or SSL export) do not; `mean_shape`
-is the trivial predictor (mean training landmark positions, no network). The overrides
+is the trivial predictor (mean training landmark positions, no network); `supervised` fine-tunes
+a source job's model (a fine-tuning on another labelled dataset, shared like a pretraining and
+itself initialised by `source_init`, another init of the grid: chains; grid_jobs.py) with a new
+head, in the source's architecture. The overrides
 of a fine-tuning cell are applied in this order, the more specific later and winning: the
 grid's `finetune_overrides`, the dataset's, the init kind's own (KIND_OVERRIDES: architecture,
 init, weights path), the init's `overrides`, then the cell's (budget, seed, run folder, W&B
@@ -38,7 +46,6 @@ group and tags). Pretraining: the grid's, the dataset's, then the init's `pretra
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -46,6 +53,10 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ddpm_landmarks.config import ConfigError, load_config, to_dict
+from ddpm_landmarks.experiments.grid_jobs import (Pretraining, SharedJobs, SourceJob,
+                                                  check_cell_source, logger_overrides,
+                                                  plan_pretraining, plan_source)
+from ddpm_landmarks.models.regressor_init import BODY_FIELDS
 from ddpm_landmarks.training.config import PretrainConfig
 from ddpm_landmarks.training.finetune_config import FinetuneConfig
 
@@ -53,10 +64,12 @@ log = logging.getLogger(__name__)
 
 PRETRAINED_KINDS = ("ddpm", "simclr", "moco_v2", "moco_v3")
 # mean_shape: no network, the average training landmark positions (the trivial reference row).
-INIT_KINDS = PRETRAINED_KINDS + ("imagenet", "scratch", "checkpoint", "mean_shape")
+INIT_KINDS = PRETRAINED_KINDS + ("imagenet", "scratch", "checkpoint", "mean_shape", "supervised")
+SOURCE_FIELDS = ("source", "source_init", "source_overrides")
 
-# Fine-tuning overrides of each init kind ({export} = the pretraining's or checkpoint's export
-# folder; SSL kinds also get model.encoder and model.gray_adapter from the pretraining config).
+# Fine-tuning overrides of each init kind ({export} = the pretraining's, checkpoint's or source
+# job's weights folder; SSL kinds also get model.encoder and model.gray_adapter from the
+# pretraining config, supervised the source's architecture: _kind_overrides).
 KIND_OVERRIDES: dict[str, list[str]] = {
     "ddpm": ["model.arch=ddpm_unet", "model.init=pretrained", "model.pretrained_path={export}"],
     "simclr": ["model.arch=smp_unet", "model.init=pretrained", "model.pretrained_path={export}"],
@@ -66,6 +79,7 @@ KIND_OVERRIDES: dict[str, list[str]] = {
     "scratch": ["model.init=scratch", "model.pretrained_path="],
     "checkpoint": ["model.init=pretrained", "model.pretrained_path={export}"],
     "mean_shape": [],
+    "supervised": ["model.init=regressor", "model.pretrained_path={export}"],
 }
 
 
@@ -93,6 +107,14 @@ class InitSpec:
     # with the best landmark probe ("best": needs probe.every > 0 in the pretraining config).
     pretrain_weights: Literal["export", "best"] = "export"
     overrides: list[str] = field(default_factory=list)
+    # kind=supervised: the source's fine-tuning config, the init its model starts from (another
+    # entry of `inits`; "" = the source config and source_overrides decide, e.g.
+    # [model.arch=smp_unet, model.init=imagenet]), its overrides, and which of its weights the
+    # cells fine-tune: the best validation MRE ("best") or the last step ("export").
+    source: str = ""
+    source_init: str = ""
+    source_overrides: list[str] = field(default_factory=list)
+    source_weights: Literal["best", "export"] = "best"
 
 
 @dataclass
@@ -152,28 +174,21 @@ def load_grid(path: str | Path, overrides: Optional[list[str]] = None) -> GridCo
         if kind == "checkpoint" and not spec.checkpoint:
             raise ConfigError(f"inits.{name}: kind checkpoint needs inits.{name}.checkpoint "
                               f"(an export folder)")
+        if kind == "supervised" and not spec.source:
+            raise ConfigError(f"inits.{name}: kind supervised needs inits.{name}.source (the "
+                              f"source dataset's fine-tuning config)")
+        if kind != "supervised" and any(getattr(spec, f) for f in SOURCE_FIELDS):
+            raise ConfigError(f"inits.{name}: {', '.join(SOURCE_FIELDS)} are for kind "
+                              f"supervised, not {kind}")
+        if spec.source_init and spec.source_init not in grid.inits:
+            raise ConfigError(f"inits.{name}.source_init: no init {spec.source_init!r}; "
+                              f"inits: {', '.join(grid.inits)}")
     return grid
 
 
 # ----------------------------------------------------------------------------------------------
 # Plan: pretraining jobs and cells
 # ----------------------------------------------------------------------------------------------
-
-@dataclass
-class Pretraining:
-    name: str                           # folder under <grid>/pretrain/
-    method: str
-    config_path: str
-    overrides: list[str]                # complete: run folder, logger, resume included
-    config: PretrainConfig              # resolved
-    run_dir: Path
-    users: list[str] = field(default_factory=list)   # cell names
-
-    @property
-    def export_dir(self) -> Path:
-        """The last step's export (what the job must have written to count as done)."""
-        return self.run_dir / "export"
-
 
 @dataclass
 class Cell:
@@ -189,6 +204,12 @@ class Cell:
     config: FinetuneConfig              # resolved (pretrained_path may not exist yet)
     eval_split: str
     pretraining: Optional[Pretraining] = None
+    source: Optional[SourceJob] = None
+
+    @property
+    def dependencies(self) -> list:
+        """The shared jobs that must be done before the cell runs."""
+        return [job for job in (self.pretraining, self.source) if job is not None]
 
     @property
     def key(self) -> dict:
@@ -201,6 +222,7 @@ class Plan:
     grid: GridConfig
     pretrainings: list[Pretraining]
     cells: list[Cell]
+    sources: list[SourceJob] = field(default_factory=list)
 
 
 def budget_label(budget: Optional[int]) -> str:
@@ -211,54 +233,8 @@ def cell_name(dataset: str, init: str, budget: Optional[int], seed: int) -> str:
     return f"{dataset}-{init}-N{budget_label(budget)}-s{seed}"
 
 
-def _logger_overrides(grid: GridConfig, tags: list[str]) -> list[str]:
-    lg = grid.logger
-    return [f"logger.kind={lg.kind}", f"logger.project={lg.project}",
-            f"logger.entity={lg.entity}", f"logger.wandb_mode={lg.wandb_mode}",
-            f"logger.group={grid.name}", f"logger.tags={json.dumps(tags)}"]
-
-
-def _config_key(cfg) -> str:
-    """Hash of a resolved config without its run folder, logger and resume setting: two
-    pretrainings with the same key train the same model."""
-    data = to_dict(cfg)
-    for section in ("run", "logger"):
-        data.pop(section, None)
-    data["train"] = {k: v for k, v in data["train"].items() if k != "resume"}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def _default_pretrain_config(kind: str, dataset: str) -> str:
-    return f"configs/pretrain/{dataset}.yaml" if kind == "ddpm" else \
-        f"configs/pretrain/{kind}_{dataset}.yaml"
-
-
-def _plan_pretraining(grid: GridConfig, init: str, spec: InitSpec, kind: str, dataset: str,
-                      ds: DatasetSpec, known: dict[str, Pretraining]) -> Pretraining:
-    path = spec.pretrain or _default_pretrain_config(kind, dataset)
-    base = grid.pretrain_overrides + ds.pretrain_overrides + spec.pretrain_overrides + \
-        [f"method={kind}"]
-    where = f"pretraining of init {init!r} for dataset {dataset!r}"
-    try:
-        cfg = load_config(path, base, cls=PretrainConfig)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    key = _config_key(cfg)
-    if key in known:
-        return known[key]
-    name = f"{init}-{key}"
-    run_dir = grid.grid_dir / "pretrain" / name
-    overrides = base + [f"run.output_dir={run_dir.parent}", f"run.name={name}",
-                        "train.resume=latest"] + \
-        _logger_overrides(grid, ["pretrain", f"init:{init}", f"method:{kind}"])
-    cfg = load_config(path, overrides, cls=PretrainConfig)
-    job = Pretraining(name, kind, path, overrides, cfg, run_dir)
-    known[key] = job
-    return job
-
-
-def _kind_overrides(kind: str, export: Optional[Path], pretrain_cfg: Optional[PretrainConfig]
-                    ) -> list[str]:
+def _kind_overrides(kind: str, export: Optional[Path], pretrain_cfg: Optional[PretrainConfig],
+                    source: Optional[SourceJob] = None) -> list[str]:
     overrides = [o.replace("{export}", str(export)) for o in KIND_OVERRIDES[kind]]
     if pretrain_cfg is not None and kind in ("simclr", "moco_v2", "moco_v3"):
         ssl = pretrain_cfg.ssl
@@ -274,30 +250,67 @@ def _kind_overrides(kind: str, export: Optional[Path], pretrain_cfg: Optional[Pr
                               "in_channels" if info.get("in_channels") == 1 else "repeat")]
         else:
             overrides += ["model.arch=ddpm_unet"]
+    if source is not None:           # the architecture is the source's (regressor_init.py)
+        model = source.config.model
+        overrides += [f"model.{name}={getattr(model, name)}" for name in BODY_FIELDS[model.arch]]
     return overrides
+
+
+@dataclass
+class InitResolution:
+    """What an init gives the fine-tuning runs of one dataset."""
+    kind: str
+    overrides: list[str]                # the kind's, then the init's own
+    pretraining: Optional[Pretraining] = None
+    source: Optional[SourceJob] = None
+
+
+def resolve_init(grid: GridConfig, init: str, dataset: str, ds: DatasetSpec, jobs: SharedJobs,
+                 chain: tuple[str, ...] = ()) -> InitResolution:
+    """The init's fine-tuning overrides for `dataset` and the shared job they start from
+    (planned once in `jobs`); a supervised init's source job is itself initialised by resolving
+    its source_init (for the same dataset), so chains share every job they have in common."""
+    if init in chain:
+        raise ConfigError(f"inits.{chain[0]}: source_init goes round in a circle: "
+                          f"{' -> '.join(chain + (init,))}")
+    spec = grid.inits[init]
+    kind = spec.kind or init
+    job, source, export = None, None, None
+    if kind in PRETRAINED_KINDS:
+        job = plan_pretraining(grid, init, spec, kind, dataset, ds, jobs)
+        export = job.run_dir / spec.pretrain_weights
+        if spec.pretrain_weights == "best" and not job.config.probe.every:
+            raise ConfigError(f"inits.{init}.pretrain_weights=best needs the landmark "
+                              f"probe in its pretraining (probe.every > 0)")
+    elif kind == "checkpoint":
+        export = Path(spec.checkpoint)
+    elif kind == "supervised":
+        base = InitResolution("", [])
+        if spec.source_init:
+            base = resolve_init(grid, spec.source_init, dataset, ds, jobs, chain + (init,))
+            if base.kind == "mean_shape":
+                raise ConfigError(f"inits.{init}.source_init: {spec.source_init!r} is the mean "
+                                  f"shape, not a network to fine-tune")
+        source = plan_source(grid, init, spec, base.overrides, base.pretraining, base.source,
+                             jobs)
+        export = source.export_dir
+    overrides = _kind_overrides(kind, export, job.config if job else None, source) + \
+        spec.overrides
+    return InitResolution(kind, overrides, job, source)
 
 
 def build_plan(grid: GridConfig) -> Plan:
     """Every cell's complete override list and resolved config (checked now, so a typo fails
-    before hours of pretraining), and the distinct pretraining jobs they share."""
-    known: dict[str, Pretraining] = {}
+    before hours of pretraining), and the distinct shared jobs (pretrainings, source
+    fine-tunings) they start from."""
+    jobs = SharedJobs()
     cells: list[Cell] = []
     for dataset, ds in grid.datasets.items():
         config_path = ds.finetune or f"configs/finetune/{dataset}.yaml"
-        for init, spec in grid.inits.items():
-            kind = spec.kind or init
-            job = None
-            export = None
-            if kind in PRETRAINED_KINDS:
-                job = _plan_pretraining(grid, init, spec, kind, dataset, ds, known)
-                export = job.run_dir / spec.pretrain_weights
-                if spec.pretrain_weights == "best" and not job.config.probe.every:
-                    raise ConfigError(f"inits.{init}.pretrain_weights=best needs the landmark "
-                                      f"probe in its pretraining (probe.every > 0)")
-            elif kind == "checkpoint":
-                export = Path(spec.checkpoint)
-            init_overrides = grid.finetune_overrides + ds.overrides + \
-                _kind_overrides(kind, export, job.config if job else None) + spec.overrides
+        eval_split = ds.eval_split or grid.eval_split
+        for init in grid.inits:
+            res = resolve_init(grid, init, dataset, ds, jobs)
+            init_overrides = grid.finetune_overrides + ds.overrides + res.overrides
             for budget in grid.budgets:
                 for seed in grid.seeds:
                     name = cell_name(dataset, init, budget, seed)
@@ -308,35 +321,44 @@ def build_plan(grid: GridConfig) -> Plan:
                         f"fewshot.budget={'null' if budget is None else budget}",
                         f"fewshot.draw={seed}", f"train.seed={seed}",
                         f"run.output_dir={run_dir.parent}", f"run.name={name}",
-                        "train.resume=latest"] + _logger_overrides(grid, tags)
+                        "train.resume=latest"] + logger_overrides(grid, tags)
                     try:
                         cfg = load_config(config_path, overrides, cls=FinetuneConfig)
                     except ConfigError as err:
                         raise ConfigError(f"cell {name}: {err}") from None
+                    job = res.pretraining
                     if job is not None:
                         job.users.append(name)
-                        if kind == "ddpm" and job.config.data.image_size != cfg.data.image_size:
+                        if res.kind == "ddpm" and job.config.data.image_size != cfg.data.image_size:
                             log.warning("cell %s fine-tunes at %d px a U-Net pretrained at %d px",
                                         name, cfg.data.image_size, job.config.data.image_size)
-                    cells.append(Cell(dataset, init, kind, budget, seed, name, run_dir,
-                                      config_path, overrides, cfg,
-                                      ds.eval_split or grid.eval_split, job))
-    return Plan(grid, list(known.values()), cells)
+                    if res.source is not None:
+                        check_cell_source(name, cfg, eval_split, res.source)
+                        res.source.users.append(name)
+                    cells.append(Cell(dataset, init, res.kind, budget, seed, name, run_dir,
+                                      config_path, overrides, cfg, eval_split, job, res.source))
+    return Plan(grid, list(jobs.pretrainings.values()), cells, list(jobs.sources.values()))
 
 
 def plan_summary(plan: Plan) -> dict:
     """What grid.json records of a plan (plain data)."""
+    def after(job) -> list[str]:
+        return [d.name for d in job.dependencies]
     return {"grid": to_dict(plan.grid),
             "pretrainings": [{"name": p.name, "method": p.method, "config": p.config_path,
                               "overrides": p.overrides, "users": p.users}
                              for p in plan.pretrainings],
+            "sources": [{"name": s.name, "init": s.init, "config": s.config_path,
+                         "overrides": s.overrides, "weights": s.weights, "after": after(s),
+                         "users": s.users} for s in plan.sources],
             "cells": [{**c.key, "name": c.name, "kind": c.kind, "config": c.config_path,
                        "eval_split": c.eval_split,
                        "overrides": c.overrides,
-                       "pretraining": c.pretraining.name if c.pretraining else None}
+                       "pretraining": c.pretraining.name if c.pretraining else None,
+                       "source": c.source.name if c.source else None}
                       for c in plan.cells]}
 
 
 __all__ = ["GridConfig", "DatasetSpec", "InitSpec", "LauncherConfig", "Plan", "Cell",
-           "Pretraining", "load_grid", "build_plan", "plan_summary", "INIT_KINDS",
+           "Pretraining", "SourceJob", "load_grid", "build_plan", "plan_summary", "INIT_KINDS",
            "cell_name", "budget_label"]

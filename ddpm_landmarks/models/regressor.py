@@ -38,6 +38,8 @@ Architectures (`model.arch`, the ARCHS registry): "ddpm_unet" (this module, the 
 ImageNet / SSL / scratch encoders: models/smp_regressor.py). Both kinds of model expose `cfg`,
 `num_landmarks`, `head` (the K-channel output conv) and `head_parameters()` (what trains at
 optim.head_lr), take (B, 1, H, W) images in [-1, 1] and are saved / loaded by the functions here.
+`model.init=regressor` (any arch) starts from such a saved regressor of another dataset: its body,
+a new head for this dataset's landmarks (models/regressor_init.py).
 """
 from __future__ import annotations
 
@@ -74,9 +76,12 @@ class RegressorConfig:
     # ddpm_unet: the DDPM U-Net of this module; smp_unet / smp_unetplusplus: smp baselines
     arch: Literal["ddpm_unet", "smp_unet", "smp_unetplusplus"] = "ddpm_unet"
     # pretrained: pretrained_path (DDPM export, or an SSL encoder export for smp archs);
-    # scratch: random init; imagenet: smp archs only (imagenet_weights, else smp's download)
-    init: Literal["pretrained", "scratch", "imagenet"] = "pretrained"
-    pretrained_path: str = ""           # a pretraining run's export/ folder ("" = none: scratch only)
+    # scratch: random init; imagenet: smp archs only (imagenet_weights, else smp's download);
+    # regressor: the body of a landmark regressor of another dataset (models/regressor_init.py)
+    init: Literal["pretrained", "scratch", "imagenet", "regressor"] = "pretrained"
+    # a pretraining run's export/ folder, or for init=regressor a fine-tuning run's best/ or
+    # export/ ("" = none: scratch only)
+    pretrained_path: str = ""
     preset: str = "tiny"                # scratch without pretrained_path: ddpm_landmarks.models.unet
     timestep_mode: Literal["fixed", "drop"] = "fixed"
     timestep: int = 0
@@ -241,7 +246,22 @@ def build_regressor(cfg: RegressorConfig, num_landmarks: int, image_size: int) -
     builder = ARCHS.get(cfg.arch)
     if builder is None:
         raise ValueError(f"unknown arch {cfg.arch!r}; valid: {', '.join(ARCHS)}")
+    if cfg.init == "regressor":
+        from ddpm_landmarks.models.regressor_init import build_from_regressor
+        return build_from_regressor(cfg, num_landmarks, image_size)
     return builder(cfg, num_landmarks, image_size)
+
+
+def check_unet_size(unet: UNet2DModel, image_size: int) -> None:
+    """ValueError unless image_size fits the U-Net's levels; a warning when it differs from the
+    size the U-Net was pretrained at (fully convolutional: allowed)."""
+    factor = _levels_factor(unet.config)
+    if image_size <= 0 or image_size % factor:
+        raise ValueError(f"image_size {image_size} must be a positive multiple of {factor} for "
+                         f"this U-Net ({factor.bit_length()} levels)")
+    if unet.config.sample_size != image_size:
+        warnings.warn(f"the U-Net was pretrained at {unet.config.sample_size} px and is fine-tuned "
+                      f"at {image_size} px (fully convolutional: allowed)", stacklevel=3)
 
 
 def build_ddpm_regressor(cfg: RegressorConfig, num_landmarks: int,
@@ -267,15 +287,9 @@ def build_ddpm_regressor(cfg: RegressorConfig, num_landmarks: int,
         else:
             unet = build_unet(ModelConfig(preset=cfg.preset), image_size=image_size)
     else:
-        raise ValueError(f"unknown init {cfg.init!r}; valid: pretrained, scratch")
+        raise ValueError(f"unknown init {cfg.init!r}; valid: pretrained, scratch, regressor")
 
-    factor = _levels_factor(unet.config)
-    if image_size <= 0 or image_size % factor:
-        raise ValueError(f"image_size {image_size} must be a positive multiple of {factor} for "
-                         f"this U-Net ({factor.bit_length()} levels)")
-    if unet.config.sample_size != image_size:
-        warnings.warn(f"the U-Net was pretrained at {unet.config.sample_size} px and is fine-tuned "
-                      f"at {image_size} px (fully convolutional: allowed)", stacklevel=2)
+    check_unet_size(unet, image_size)
 
     alphas = None
     if cfg.noise_input:
@@ -338,15 +352,9 @@ def save_regressor(model: nn.Module, out_dir: str | Path, config: Optional[dict]
 def load_regressor(out_dir: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a regressor written by save_regressor (no pretraining run, ImageNet file or SSL
     export needed: the architecture is rebuilt at random init, then the saved weights)."""
+    from ddpm_landmarks.models.regressor_init import read_saved_regressor
     out_dir = Path(out_dir)
-    meta_file = out_dir / META_NAME
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{out_dir} is not a saved regressor (no {META_NAME})")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r}")
-    fields = {f.name for f in dataclasses.fields(RegressorConfig)}
-    cfg = RegressorConfig(**{k: v for k, v in meta["regressor"].items() if k in fields})
+    meta, cfg = read_saved_regressor(out_dir)
     state = load_file(str(out_dir / WEIGHTS_NAME), device=str(map_location))
     if cfg.arch != "ddpm_unet":
         from ddpm_landmarks.models.smp_regressor import SmpRegressor

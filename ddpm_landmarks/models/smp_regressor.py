@@ -61,9 +61,12 @@ Initialisation (`model.init`):
                 pretraining) loads with every gray_adapter: as it is for "repeat" / "colorize",
                 first conv summed over RGB for "in_channels" (the ImageNet-file rule above); a
                 1-channel export loads only with "in_channels".
+  "regressor":  a saved smp regressor of another dataset: all but its segmentation head
+                (models/regressor_init.py).
 
 Learning rates (`param_groups` in models.regressor): "body" = the encoder at optim.lr; the
-decoder, segmentation head and colouriser are new parameters at optim.head_lr. The split is the
+decoder, segmentation head and colouriser are new parameters at optim.head_lr (init=regressor,
+models/regressor_init.py: only the segmentation head is new). The split is the
 same for scratch (as for the DDPM scratch baseline, whose random body also runs at optim.lr): set
 optim.lr = optim.head_lr for one learning rate.
 
@@ -238,10 +241,13 @@ class SmpRegressor(nn.Module):
         return self.net.encoder
 
     def head_parameters(self):
-        """New parameters (optim.head_lr): decoder, segmentation head, colouriser."""
-        mods = [self.net.decoder, self.net.segmentation_head]
-        if self.colorizer is not None:
-            mods.append(self.colorizer)
+        """New parameters (optim.head_lr): decoder, segmentation head, colouriser; only the
+        segmentation head for init=regressor (the rest was trained on the source dataset)."""
+        mods = [self.net.segmentation_head]
+        if self.cfg.init != "regressor":
+            mods.append(self.net.decoder)
+            if self.colorizer is not None:
+                mods.append(self.colorizer)
         for m in mods:
             yield from m.parameters()
 
@@ -323,11 +329,12 @@ def load_ssl_export(model: SmpRegressor, path: str | Path) -> dict:
 
 
 # ---------------------------------------------------------------------- build
-def _check_cfg(cfg, image_size: int) -> None:
+def check_config(cfg, image_size: int) -> None:
     if cfg.arch not in SMP_ARCHS:
         raise ValueError(f"unknown smp arch {cfg.arch!r}; valid: {', '.join(SMP_ARCHS)}")
-    if cfg.init not in ("scratch", "imagenet", "pretrained"):
-        raise ValueError(f"unknown init {cfg.init!r}; valid: scratch, imagenet, pretrained")
+    if cfg.init not in ("scratch", "imagenet", "pretrained", "regressor"):
+        raise ValueError(f"unknown init {cfg.init!r}; valid: scratch, imagenet, pretrained, "
+                         f"regressor")
     encoder_in_channels(cfg.gray_adapter)
     if cfg.noise_input:
         raise ValueError(f"noise_input is a DDPM option; not available for arch {cfg.arch}")
@@ -348,7 +355,7 @@ def _check_cfg(cfg, image_size: int) -> None:
 def build_smp_regressor(cfg, num_landmarks: int, image_size: int) -> SmpRegressor:
     """The baseline at cfg.init (module doc); errors are ValueError / FileNotFoundError with
     the offending file and keys named."""
-    _check_cfg(cfg, image_size)
+    check_config(cfg, image_size)
     norm = cfg.input_norm
     weights_dir = None
     if cfg.init == "imagenet" and not cfg.imagenet_weights:
