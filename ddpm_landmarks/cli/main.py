@@ -8,6 +8,7 @@ from ddpm_landmarks.cli import (data_commands, evaluate_command, finetune_comman
                                 mean_shape_command, predict_command, pretrain_command,
                                 report_command)
 from ddpm_landmarks.cli import classify_command
+from ddpm_landmarks.cli import rank_sources_command
 from ddpm_landmarks.config import ConfigError
 from ddpm_landmarks.data.sample import DataError
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid_command.add_parser(subparsers)
     report_command.add_parser(subparsers)
     classify_command.add_parser(subparsers)
+    rank_sources_command.add_parser(subparsers)
     return parser
 
 

@@ -87,6 +87,33 @@ def _to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
 
 
+@torch.no_grad()
+def unet_decoder_features(model: torch.nn.Module, images: torch.Tensor,
+                          timestep: int = 0) -> list[torch.Tensor]:
+    """The mid block's and every up block's output of a UNet2DModel at `timestep` (0 = clean
+    input) (tiny at 64 px: 64@16, 64@32, 64@64, 32@64 channels@side): the hypercolumn of the
+    landmark probe and of the transferability estimate (evaluation/transferability.py). The
+    last features alone (conv_out's input, what fine-tuning's head sees) probe worse than a
+    random network's hypercolumn: at t = 0 they only encode noise. A module-level function so
+    that a fine-tuned regressor's U-Net (conv_out replaced, time embedding maybe dropped) gives
+    the same features."""
+    unet = _unwrap(model)
+    captured: list[torch.Tensor] = []
+
+    def keep(_module, _args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    hooks = [block.register_forward_hook(keep) for block in (unet.mid_block, *unet.up_blocks)]
+    try:
+        dtype = next(unet.parameters()).dtype
+        t = torch.full((images.shape[0],), int(timestep), dtype=torch.long, device=images.device)
+        unet(images.to(dtype), t)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
 # ----------------------------------------------------------------------------------------------
 # The method
 # ----------------------------------------------------------------------------------------------
@@ -187,25 +214,8 @@ class DDPMMethod:
 
     @torch.no_grad()
     def probe_features(self, model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-        """Decoder activations at t = 0 (clean input): the mid block's and every up block's
-        output (tiny at 64 px: 64@16, 64@32, 64@64, 32@64 channels@side), for the probe's
-        hypercolumn. The last features alone (conv_out's input, what fine-tuning's head sees)
-        probe worse than a random network's hypercolumn: at t = 0 they only encode noise."""
-        unet = _unwrap(model)
-        captured: list[torch.Tensor] = []
-
-        def keep(_module, _args, output):
-            captured.append(output[0] if isinstance(output, tuple) else output)
-
-        hooks = [block.register_forward_hook(keep) for block in (unet.mid_block, *unet.up_blocks)]
-        try:
-            dtype = next(unet.parameters()).dtype
-            t = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
-            unet(images.to(dtype), t)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return captured
+        """Decoder activations at t = 0 (clean input), see unet_decoder_features."""
+        return unet_decoder_features(model, images)
 
     # -- export -----------------------------------------------------------------------------
 

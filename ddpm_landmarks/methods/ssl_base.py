@@ -67,6 +67,18 @@ def pooled(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return encoder(x)[-1].mean(dim=(2, 3))
 
 
+@torch.no_grad()
+def encoder_stage_features(encoder: nn.Module, images: torch.Tensor,
+                           in_channels: int) -> list[torch.Tensor]:
+    """An smp encoder's five stages (strides 2 to 32) for gray (B, 1, H, W) images, repeated
+    to `in_channels` as in pretraining: the hypercolumn of the landmark probe and of the
+    transferability estimate (evaluation/transferability.py)."""
+    x = images.to(next(encoder.parameters()).dtype)
+    if x.shape[1] == 1 and in_channels != 1:
+        x = x.repeat(1, in_channels, 1, 1)
+    return list(encoder(x)[1:])        # [0] is the input itself
+
+
 def mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, *, batch_norm: bool,
         last_bn: bool = False) -> nn.Sequential:
     """MLP head. batch_norm=True: [Linear (no bias), BN, ReLU] x (num_layers - 1), then Linear
@@ -301,13 +313,8 @@ class ContrastiveMethod:
 
     @torch.no_grad()
     def probe_features(self, model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-        """The exported (online) encoder's five stages (strides 2 to 32), for the probe's
-        hypercolumn."""
-        encoder = unwrap(model).encoder
-        x = images.to(next(encoder.parameters()).dtype)
-        if x.shape[1] == 1 and self.cfg.in_channels != 1:
-            x = x.repeat(1, self.cfg.in_channels, 1, 1)
-        return list(encoder(x)[1:])        # [0] is the input itself
+        """The exported (online) encoder's five stages, see encoder_stage_features."""
+        return encoder_stage_features(unwrap(model).encoder, images, self.cfg.in_channels)
 
     # -- export ------------------------------------------------------------------------------
 
