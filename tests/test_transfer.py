@@ -18,6 +18,7 @@ from ddpm_landmarks.config import ConfigError
 from ddpm_landmarks.experiments.cost import estimate
 from ddpm_landmarks.experiments.grid import run_grid
 from ddpm_landmarks.experiments.grid_config import build_plan, load_grid
+from ddpm_landmarks.experiments.report import write_report
 from ddpm_landmarks.models.regressor import (RegressorConfig, build_regressor, load_regressor,
                                              param_groups, save_regressor)
 from ddpm_landmarks.models.regressor_init import HEAD_PREFIX
@@ -159,6 +160,7 @@ def test_supervised_source_is_shared_by_cells_and_not_retrained(tmp_path, roots,
     assert outcome["done"] == source.users, outcome
     status = json.loads((source.run_dir / "source.json").read_text())
     assert status["status"] == "done" and status["users"] == source.users
+    assert status["best_val_mre"] > 0 and status["best_step"] in (3, 6)   # eval_every=3
     assert json.loads((source.run_dir / "best" / "regressor.json").read_text())[
         "num_landmarks"] == 6
     for name in source.users:
@@ -194,6 +196,8 @@ def test_failing_source_is_recorded_once_and_fails_its_cells(tmp_path, roots, ca
         assert f"source fine-tuning {source_dir.name} failed" in cell["error"]
         assert str(missing) in cell["error"]
     assert capsys.readouterr().out.count(f"source fine-tuning {source_dir.name} (") == 1
+    summary = write_report(tmp_path / "runs" / "t")["files"]["summary_md"].read_text()
+    assert f"| {source_dir.name} | broken | synthetic | best | failed | - |" in summary
 
 
 def test_plan_expresses_chains_and_refuses_conflicts(tmp_path, roots):

@@ -232,7 +232,7 @@ def _ensure_job(grid: GridConfig, job: Pretraining | SourceJob) -> None:
         raise JobFailed(f"{job.label} {job.name} failed: {err}") from None
     wall = time.time() - started
     write_status(status_path, {**record, "status": "done", "wall_s": wall,
-                               "finished": time.time()})
+                               "finished": time.time(), **job.result()})
     print(f"[grid] {job.label} {job.name} done in {wall:.0f} s", flush=True)
 
 

@@ -1,8 +1,8 @@
 """An experiment grid: dataset x initialisation x label budget x seed, and its expansion into
-pretraining jobs and fine-tuning cells.
+shared jobs (pretrainings, source fine-tunings: grid_jobs.py) and fine-tuning cells.
 
     grid = load_grid("experiments/cpu-small.yaml", overrides=["seeds=[0]"])
-    plan = build_plan(grid)            # plan.pretrainings (shared), plan.cells (one run each)
+    plan = build_plan(grid)     # plan.pretrainings, plan.sources (shared), plan.cells (one run each)
 
 Experiment file (every key is checked, as in run configs):
 
@@ -38,11 +38,11 @@ all budgets and seeds, and every dataset whose pretraining config resolves to th
 is the trivial predictor (mean training landmark positions, no network); `supervised` fine-tunes
 a source job's model (a fine-tuning on another labelled dataset, shared like a pretraining and
 itself initialised by `source_init`, another init of the grid: chains; grid_jobs.py) with a new
-head, in the source's architecture. The overrides
-of a fine-tuning cell are applied in this order, the more specific later and winning: the
-grid's `finetune_overrides`, the dataset's, the init kind's own (KIND_OVERRIDES: architecture,
-init, weights path), the init's `overrides`, then the cell's (budget, seed, run folder, W&B
-group and tags). Pretraining: the grid's, the dataset's, then the init's `pretrain_overrides`.
+head, in the source's architecture. The overrides of a fine-tuning cell are applied in this
+order, the more specific later and winning: the grid's `finetune_overrides`, the dataset's, the
+init kind's own (KIND_OVERRIDES: architecture, init, weights path), the init's `overrides`,
+then the cell's (budget, seed, run folder, W&B group and tags). Pretraining: the grid's, the
+dataset's, then the init's `pretrain_overrides`. Source fine-tuning: grid_jobs.py.
 """
 from __future__ import annotations
 

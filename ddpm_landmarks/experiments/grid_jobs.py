@@ -63,6 +63,9 @@ class Pretraining:
     def status_fields(self) -> dict:
         return {"method": self.method}
 
+    def result(self) -> dict:
+        return {}
+
 
 @dataclass
 class SourceJob:
@@ -92,6 +95,21 @@ class SourceJob:
 
     def status_fields(self) -> dict:
         return {"init": self.init, "dataset": self.config.data.dataset, "weights": self.weights}
+
+    def result(self) -> dict:
+        """Its best validation MRE (in the source dataset's unit) and that step, from the run's
+        metrics.jsonl (a line cut by a kill is skipped)."""
+        best: dict = {}
+        path = self.run_dir / "metrics.jsonl"
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            mre = row.get("val/mre")
+            if isinstance(mre, (int, float)) and (not best or mre < best["best_val_mre"]):
+                best = {"best_val_mre": mre, "best_step": row.get("step")}
+        return best
 
 
 @dataclass

@@ -7,7 +7,9 @@ RUNS_DIR/report/ (atomically, so a reader never sees half a table):
                            wall time, or the error of a failed cell
     summary.csv / .md      one row per dataset x init x budget: mean and spread (sample SD,
                            ddof=1) over the seeds of MRE and of each SDR; SD is the mean of the
-                           runs' own SD over image-landmark pairs
+                           runs' own SD over image-landmark pairs; summary.md then lists the
+                           grid's source fine-tunings (status, best validation MRE on the
+                           source, wall time, or the error), when it has any
     label_efficiency.png   error against the number of labelled images (log x axis), one line
                            per initialisation, error bars = SD over seeds, one panel per dataset
     per_landmark_<dataset>_N<budget>.png
@@ -161,6 +163,26 @@ def summary_markdown(groups: list[dict], thresholds: list[float], title: str) ->
     return "\n".join(lines) + "\n"
 
 
+def sources_markdown(grid_dir: Path) -> str:
+    """The source fine-tunings of a supervised init (sources/*/source.json), "" when none."""
+    jobs = [json.loads(p.read_text()) for p in sorted(Path(grid_dir).glob("sources/*/source.json"))]
+    if not jobs:
+        return ""
+    lines = ["", "## Source fine-tunings", "",
+             "Supervised landmark pretraining on the source dataset; the cells of its init "
+             "fine-tune its weights. Validation MRE in the source dataset's unit.", "",
+             "| source job | init | dataset | weights | status | best val MRE (step) | wall "
+             "| error |", "|---|---|---|---|---|---|---|---|"]
+    for job in jobs:
+        best = (f"{job['best_val_mre']:.2f} ({job.get('best_step')})"
+                if isinstance(job.get("best_val_mre"), (int, float)) else "-")
+        wall = f"{job['wall_s'] / 60:.1f} min" if "wall_s" in job else "-"
+        error = " ".join(str(job.get("error", "")).replace("|", "/").split())
+        lines.append(f"| {job.get('name')} | {job.get('init')} | {job.get('dataset')} | "
+                     f"{job.get('weights')} | {job.get('status')} | {best} | {wall} | {error} |")
+    return "\n".join(lines) + "\n"
+
+
 def _csv_text(header: list[str], rows: list[list]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -288,7 +310,8 @@ def write_report(grid_dir: str | Path, out_dir: Optional[str | Path] = None,
         out_dir / "summary.csv", _csv_text(group_header, [[g[h] for h in group_header]
                                                           for g in groups]))
     files["summary_md"] = atomic_write_text(out_dir / "summary.md",
-                                            summary_markdown(groups, thresholds, title))
+                                            summary_markdown(groups, thresholds, title) +
+                                            sources_markdown(grid_dir))
     figures = []
     plot = plot_label_efficiency(groups, out_dir / "label_efficiency.png")
     if plot is not None:
