@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 # Reading
 # ----------------------------------------------------------------------------------------------
 
-def load_cells(grid_dir: Path) -> list[dict]:
-    """Every cell.json under grid_dir/cells, sorted by dataset, init, budget, seed."""
+def load_cells(grid_dir: Path, order: Optional[dict] = None) -> list[dict]:
+    """Every cell.json under grid_dir/cells, sorted by dataset, init, budget, seed; datasets
+    and inits in the experiment file's order when `order` ({"datasets": [...], "inits": [...]})
+    is given, else alphabetically."""
     cells_dir = Path(grid_dir) / "cells"
     if not cells_dir.is_dir():
         raise FileNotFoundError(f"{grid_dir} is not a grid folder (no cells/ inside); run "
@@ -53,10 +55,15 @@ def load_cells(grid_dir: Path) -> list[dict]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON: {err}") from None
 
-    def order(c: dict):
+    rank = {key: {name: i for i, name in enumerate((order or {}).get(key, []))}
+            for key in ("datasets", "inits")}
+
+    def sort_key(c: dict):
         budget = c.get("budget")
-        return (c["dataset"], c["init"], math.inf if budget is None else budget, c["seed"])
-    return sorted(cells, key=order)
+        return (rank["datasets"].get(c["dataset"], math.inf), c["dataset"],
+                rank["inits"].get(c["init"], math.inf), c["init"],
+                math.inf if budget is None else budget, c["seed"])
+    return sorted(cells, key=sort_key)
 
 
 def _num(value) -> float:
@@ -296,10 +303,12 @@ def write_report(grid_dir: str | Path, out_dir: Optional[str | Path] = None,
     """Tables and figures of a grid folder; returns {"cells", "groups", "files"}."""
     grid_dir = Path(grid_dir)
     out_dir = Path(out_dir) if out_dir else grid_dir / "report"
-    cells = load_cells(grid_dir)
-    thresholds = _thresholds(cells)
     plan = json.loads((grid_dir / "grid.json").read_text()) if (grid_dir / "grid.json").is_file() \
         else {}
+    grid = plan.get("grid", {})
+    cells = load_cells(grid_dir, {"datasets": list(grid.get("datasets", {})),
+                                  "inits": list(grid.get("inits", {}))})
+    thresholds = _thresholds(cells)
     title = plan.get("grid", {}).get("name", grid_dir.name)
 
     header, rows = cell_rows(cells, thresholds)
