@@ -14,7 +14,9 @@ the SSL views), the W&B / TensorBoard logs and, at the end, export/: for ddpm th
 methods the encoder (encoder.safetensors + encoder.json, see methods.ssl_base). Fine-tuning
 loads either. With probe.every = M > 0 a few-shot landmark probe of the frozen features
 (evaluation/probe.py) runs every M steps: probe/* in metrics.jsonl and the trackers, and best/
-holds the export at the best probe MRE.
+holds the export at the best probe MRE. With curriculum.stages the pools, augmentation strength
+and resolution change at configured steps (data/curriculum.py; the stage is logged as
+train/stage, the images of each stage listed in pretrain_images_stage<i>.txt).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from typing import Callable, Optional
 from accelerate.utils import set_seed
 
 from ddpm_landmarks.config import ConfigError, load_config, save_config, to_dict
+from ddpm_landmarks.data.curriculum import CurriculumImages, CurriculumSampler
 from ddpm_landmarks.data.pretrain_data import build_pretrain_dataset, pool_weighted_subset
 from ddpm_landmarks.data.sample import DataError
 from ddpm_landmarks.methods import METHODS, SSL_METHODS
@@ -86,10 +89,18 @@ def pretrain(cfg: PretrainConfig, method_name: Optional[str] = None) -> dict:
     images = build_pretrain_dataset(cfg, run_dir if main else None,
                                     seed=cfg.train.seed + int(os.environ.get("RANK", "0")),
                                     views=views)
-    weights = {p.weight for p in images.pools.pools}
-    # Unequal pool weights: an epoch is a weighted subset of the pools (uniformly shuffled by
-    # the engine); equal weights mean every image once per epoch.
-    dataset = pool_weighted_subset(images, seed=cfg.train.seed) if len(weights) > 1 else images
+    sampler, num_images = None, len(images)
+    if isinstance(images, CurriculumImages):
+        # Stages of pools / augmentation / resolution: the sampler gives each item the stage of
+        # the optimiser step it trains in, the same on every process (data/curriculum.py).
+        dataset, num_images = images, images.smallest_stage
+        sampler = CurriculumSampler(images.curriculum, len(images), seed=cfg.train.seed)
+    elif len({p.weight for p in images.pools.pools}) > 1:
+        # Unequal pool weights: an epoch is a weighted subset of the pools (uniformly shuffled
+        # by the engine); equal weights mean every image once per epoch.
+        dataset = pool_weighted_subset(images, seed=cfg.train.seed)
+    else:
+        dataset = images
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if len(dataset) < cfg.train.batch_size * world:
         raise DataError(f"{len(dataset)} pretraining images cannot fill one batch of "
@@ -105,7 +116,7 @@ def pretrain(cfg: PretrainConfig, method_name: Optional[str] = None) -> dict:
         # a MoCo queue that is not a multiple of the global batch, ...
         raise ConfigError(str(err)) from None
     if hasattr(method, "check_data"):
-        method.check_data(len(dataset))
+        method.check_data(num_images)
 
     # ------------------------------------------------------------------ train
     config_dict = to_dict(cfg)
@@ -119,7 +130,8 @@ def pretrain(cfg: PretrainConfig, method_name: Optional[str] = None) -> dict:
     validate, train_cfg = build_probe(cfg, method)
     trainer = Trainer(method, dataset, train_cfg, cfg.optim, run_dir, config_dict,
                       log_with=log_with, init_trackers=init_trackers,
-                      log_images=log_image_grids, validate=validate, monitor=PROBE_MONITOR)
+                      log_images=log_image_grids, validate=validate, monitor=PROBE_MONITOR,
+                      sampler=sampler)
     summary = trainer.fit()
     if main:
         log.info("done: step %d, loss %.4f, %.1f images/s; export in %s", summary["step"],

@@ -9,6 +9,7 @@ from ddpm_landmarks.cli import (data_commands, evaluate_command, finetune_comman
                                 report_command)
 from ddpm_landmarks.cli import classify_command
 from ddpm_landmarks.cli import rank_sources_command
+from ddpm_landmarks.cli import attention_command
 from ddpm_landmarks.config import ConfigError
 from ddpm_landmarks.data.sample import DataError
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     report_command.add_parser(subparsers)
     classify_command.add_parser(subparsers)
     rank_sources_command.add_parser(subparsers)
+    attention_command.add_parser(subparsers)
     return parser
 
 

@@ -158,28 +158,31 @@ def pool_sampler(dataset: PretrainImages, num_samples: int,
                                                   replacement=True, generator=generator)
 
 
-def pool_weighted_subset(dataset: PretrainImages, epoch_size: Optional[int] = None,
-                         seed: int = 0) -> torch.utils.data.Subset:
-    """A Subset whose items are the pools in proportion to their weights, for loaders that
-    shuffle uniformly (e.g. the training engine's epoch sampler).
-
-    Pool p gets round(epoch_size * w_p / sum w) slots (largest remainder, so they sum to
-    epoch_size, default len(dataset)), filled by cycling through a seeded permutation of its
-    images: a small, heavily weighted pool repeats, a large one is subsampled.
-    """
-    pools = dataset.pools.pools
-    size = len(dataset) if epoch_size is None else int(epoch_size)
+def pool_slots(pools, size: int, rng: np.random.Generator) -> np.ndarray:
+    """`size` indices into the concatenation of `pools` (UnlabeledPools), grouped by pool, in
+    proportion to the pool weights: pool p gets round(size * w_p / sum w) slots (largest
+    remainder, so they sum to size), filled by cycling through an rng permutation of its
+    images: a small, heavily weighted pool repeats, a large one is subsampled."""
     weights = np.array([p.weight for p in pools], dtype=np.float64)
     exact = size * weights / weights.sum()
     counts = np.floor(exact).astype(np.int64)
     counts[np.argsort(-(exact - counts), kind="stable")[: size - counts.sum()]] += 1
-    rng = np.random.default_rng(seed)
     indices, offset = [], 0
     for pool, count in zip(pools, counts):
         order = offset + rng.permutation(len(pool))
-        indices += np.resize(order, count).tolist()
+        indices.append(np.resize(order, count))
         offset += len(pool)
-    return torch.utils.data.Subset(dataset, indices)
+    return np.concatenate(indices).astype(np.int64)
+
+
+def pool_weighted_subset(dataset: PretrainImages, epoch_size: Optional[int] = None,
+                         seed: int = 0) -> torch.utils.data.Subset:
+    """A Subset whose items are the pools in proportion to their weights (pool_slots, seeded),
+    for loaders that shuffle uniformly (e.g. the training engine's epoch sampler); epoch_size
+    defaults to len(dataset)."""
+    size = len(dataset) if epoch_size is None else int(epoch_size)
+    slots = pool_slots(dataset.pools.pools, size, np.random.default_rng(seed))
+    return torch.utils.data.Subset(dataset, slots.tolist())
 
 
 def _labelled_split_pools(cfg, seen: set[Path], report: ExclusionReport) -> list[UnlabeledPool]:
@@ -249,9 +252,16 @@ def build_pretrain_dataset(cfg, run_dir: Optional[Path] = None,
     accelerate pass seed + process index so that processes augment differently).
     views: a ViewConfig (cfg.ssl.views) for the SSL baselines: the same pools as two
     augmented views per item (data.ssl_views.TwoViewImages) instead of cfg.augment.
+    With cfg.curriculum.stages: a data.curriculum.CurriculumImages (one dataset per stage,
+    items keyed (stage, index), to be drawn by its CurriculumSampler).
     """
     pools = build_pretrain_pools(cfg)
     seed = cfg.train.seed if seed is None else seed
+    if getattr(cfg, "curriculum", None) is not None and cfg.curriculum.stages:
+        # Staged pools / augmentation / resolution: one dataset per stage (data/curriculum.py),
+        # with its own audit files.
+        from ddpm_landmarks.data.curriculum import build_curriculum_images
+        return build_curriculum_images(cfg, pools, run_dir, seed=seed, views=views)
     if views is not None:
         from ddpm_landmarks.data.ssl_views import TwoViewImages
         dataset = TwoViewImages(pools, cfg.data.image_size, views, cfg.data.resize_mode,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from ddpm_landmarks.config import (AugmentConfig, DataConfig, RunConfig, UnlabeledConfig)
 
@@ -177,6 +177,29 @@ class ProbeConfig:
 
 
 @dataclass
+class CurriculumStage:
+    """One stage of a pretraining curriculum (data/curriculum.py). A stage trains the optimiser
+    steps after the previous stage's `until_step` up to and including its own."""
+    name: str = ""                      # for logs and curriculum.json; "" = "stage<index>"
+    until_step: Optional[int] = None    # last optimiser step (1-based); None = to train.max_steps
+    # Pool name (unlabeled.pools[].name, or "<dataset>:<split>" for unlabeled.labelled_splits)
+    # -> sampling weight in this stage; {} = every pool at its configured weight.
+    pools: dict[str, float] = field(default_factory=dict)
+    # Multiplier of the augmentation ranges (augment for ddpm, ssl.views for the SSL methods):
+    # 0 = identity, 1 = as configured; probabilities are kept (curriculum.scale_augment).
+    augment_strength: float = 1.0
+    augment: dict[str, Any] = field(default_factory=dict)   # explicit augment.* values (ddpm)
+    views: dict[str, Any] = field(default_factory=dict)     # explicit ssl.views.* values (SSL)
+    image_size: Optional[int] = None    # training resolution of the stage; None = data.image_size
+
+
+@dataclass
+class CurriculumConfig:
+    """Staged pretraining (data/curriculum.py): stages in order; empty = no curriculum."""
+    stages: list[CurriculumStage] = field(default_factory=list)
+
+
+@dataclass
 class PretrainConfig:
     # ddpm = diffusion pretraining of a U-Net (model, diffusion, augment sections);
     # simclr | moco_v2 | moco_v3 = contrastive pretraining of an smp encoder (ssl section).
@@ -191,5 +214,6 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)

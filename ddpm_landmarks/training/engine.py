@@ -9,7 +9,9 @@ Everything is counted in OPTIMISER steps (cfg.max_steps, log/image/checkpoint in
 LR schedule, the EMA); one optimiser step = grad_accum micro-batches on every process.
 Resuming restores weights, EMA, optimiser, schedule, RNG and the position in the data: the
 shuffle order of an epoch depends only on (seed, epoch), and the batches of the interrupted
-epoch that were already used are skipped.
+epoch that were already used are skipped. A custom `sampler` must keep that property; if it
+has `set_step_layout` it is told, before each epoch, how its positions map to optimiser steps,
+and its `scalars(step)` are logged (data/curriculum.py's staged sampler uses both).
 
 Validation (fine-tuning): `validate(model) -> {"val/mre": ..., ...}` runs on the main process
 every cfg.eval_every steps and at the end, under the EMA weights when there is an EMA. Its
@@ -110,7 +112,8 @@ class Trainer:
                  init_trackers: Optional[Callable[[Accelerator], None]] = None,
                  log_images: Optional[ImageLogger] = None, shuffle: bool = True,
                  param_groups: Optional[list[dict]] = None,
-                 validate: Optional[Validator] = None, monitor: str = "val/mre"):
+                 validate: Optional[Validator] = None, monitor: str = "val/mre",
+                 sampler: Optional[Sampler] = None):
         self.method, self.cfg, self.optim_cfg, self.run_dir = method, cfg, optim_cfg, Path(run_dir)
         self.validate_fn, self.monitor = validate, monitor
         if cfg.early_stopping_patience and not (validate and cfg.eval_every):
@@ -144,7 +147,10 @@ class Trainer:
         scheduler = build_scheduler(optimizer, optim_cfg, total_steps=cfg.max_steps)
 
         # ------------------------------------------------------------------ data
-        self.sampler = EpochShuffleSampler(len(train_dataset), cfg.seed, shuffle=shuffle)
+        # A custom sampler must, like EpochShuffleSampler, give an order that depends only on
+        # its seed and set_epoch (resume skips the batches already used).
+        self.sampler = sampler if sampler is not None else EpochShuffleSampler(
+            len(train_dataset), cfg.seed, shuffle=shuffle)
         loader = DataLoader(
             train_dataset, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
             num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
@@ -314,6 +320,14 @@ class Trainer:
         while self.step < cfg.max_steps and not self.stopped_early:
             # -------------------------------------------------------------- epoch start
             self.sampler.set_epoch(self.epoch)
+            if hasattr(self.sampler, "set_step_layout"):
+                # A step-aware sampler (data/curriculum.py) maps each position of the epoch to
+                # the optimiser step it trains in: steps done before the epoch's first batch
+                # (mid-epoch after a resume: minus the batches skipped below) and the layout.
+                self.sampler.set_step_layout(
+                    steps_before=self.step - math.ceil(self.batches_in_epoch / cfg.grad_accum),
+                    batch_size=cfg.batch_size, num_processes=acc.num_processes,
+                    grad_accum=cfg.grad_accum)
             self.loader.set_epoch(self.epoch)      # accelerate re-applies its own counter
             loader = self.loader
             if self.batches_in_epoch:
@@ -373,6 +387,8 @@ class Trainer:
                                    for k, v in logs_sum.items() if f"train/{k}" not in values})
                     if self.ema is not None and self.ema.cur_decay_value is not None:
                         values["train/ema_decay"] = self.ema.cur_decay_value
+                    if hasattr(self.sampler, "scalars"):   # e.g. the curriculum stage
+                        values.update(self.sampler.scalars(self.step))
                     acc.log(values, step=self.step)
                     if acc.is_main_process:
                         self.history.append({"step": self.step, **values})
