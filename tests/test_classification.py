@@ -180,6 +180,21 @@ def test_label_file_over_a_registry_dataset(synth_root, tmp_path):
         _task(tmp_path, "image,label\n0000.png,a\n9999,b\n", data=data)
 
 
+def test_command_line_names_the_bad_line_and_a_resumed_run_keeps_its_classes(synth_root,
+                                                                            tmp_path, capsys):
+    from ddpm_landmarks.classify import check_resumed_classes
+    from ddpm_landmarks.config import ConfigError
+    folder = _folder(tmp_path, ["a.png", "b.png"])
+    labels = _write(tmp_path / "labels.csv", "image,label,split\na.png,x,train\nc.png,y,train\n")
+    args = overrides(synth_root, tmp_path, **{"labels.file": labels, "labels.images": folder})
+    assert cli_main(["classify", str(CONFIG), *args]) == 2
+    assert "line 3: image 'c.png' not found" in capsys.readouterr().err
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": ["x", "y"]}))
+    check_resumed_classes(tmp_path, ["x", "y"])
+    with pytest.raises(ConfigError, match=r"started with classes \['x', 'y'\]"):
+        check_resumed_classes(tmp_path, ["x", "y", "z"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Encoders: every pretrained kind loads strictly
 # ----------------------------------------------------------------------------------------------

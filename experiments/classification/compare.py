@@ -2,14 +2,14 @@
 `evaluate-classifier` per checkpoint (each in its own process), then a table.
 
     python experiments/classification/compare.py CONFIG --out runs/classification/cobb \
-        [--exports 'runs/grids/*/pretrain/*/export'] [--scratch] [--probe] [-- overrides...]
+        [--exports 'runs/grids/*/pretrain/*/export'] [--scratch] [--probe] [overrides...]
 
 Every export found by the glob is classified by its kind: a DDPM export (config.json) runs as
 `model.arch=ddpm_unet`, an SSL export (encoder.json) as `model.arch=smp` with its encoder name
 and `gray_adapter=in_channels` for a 1-channel export (repeat for 3). `--scratch` adds the two
 random-init baselines with the architectures of those exports (the DDPM U-Net preset of the
 first DDPM export, the encoder of the first SSL export). `--probe` adds a frozen-encoder
-(linear probe) run of every row next to its full fine-tuning. The overrides after `--` apply
+(linear probe) run of every row next to its full fine-tuning. The dotted overrides apply
 to every run (e.g. data.image_size=64 train.max_steps=400).
 
 Writes OUT/<row>/ (the runs), OUT/results.csv and OUT/results.md (accuracy, balanced accuracy,
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     parser.add_argument("--probe", action="store_true")
     parser.add_argument("--split", default=None, help="evaluation split (default eval_split)")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
