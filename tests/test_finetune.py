@@ -110,6 +110,10 @@ def test_synthetic_finetune_from_pretraining_reaches_bound(synth_root, pretraine
     assert cli_main(["evaluate", str(run), "--split", "test1", "logger.kind=wandb",
                      "logger.wandb_mode=offline"]) == 0
     out = capsys.readouterr().out
+    # The wandb service writes the offline record asynchronously; shutting it down (what the CLI's
+    # process exit does) flushes it before we read it.
+    import wandb
+    wandb.teardown()
     records = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(records) == 1
     logged = records[0].read_bytes()

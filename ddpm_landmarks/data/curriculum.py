@@ -364,9 +364,10 @@ class CurriculumSampler(torch.utils.data.Sampler):
         """What the engine logs at `step`: the stage index of that step."""
         stage = self.curriculum.stage_at(step)
         if stage.index != self._reported:
-            log.info("curriculum: stage %d (%s) at step %d: %d images from %s, %d px", stage.index,
-                     stage.name, step, len(stage.pools), ", ".join(
-                         f"{p.name} x{p.weight:g}" for p in stage.pools.pools), stage.image_size)
+            log.info("curriculum: in stage %d (%s, steps %d-%d) at step %d: %d images from %s, "
+                     "%d px", stage.index, stage.name, stage.first_step, stage.last_step, step,
+                     len(stage.pools), ", ".join(f"{p.name} x{p.weight:g}"
+                                                 for p in stage.pools.pools), stage.image_size)
             self._reported = stage.index
         return {STAGE_SCALAR: float(stage.index)}
 

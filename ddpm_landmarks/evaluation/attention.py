@@ -174,10 +174,11 @@ def overlay_panels(image: np.ndarray, saliency: np.ndarray, mask: np.ndarray,
         visualize.draw_points(canvas, points, visualize.GT_COLOUR, numbered=False, radius=3)
         panels.append(canvas)
     picture = np.hstack([panels[0], np.full((size * f, 4, 3), 255, np.uint8), panels[1]])
-    scale = max(0.35, picture.shape[1] / 1100)
-    cv2.putText(picture, title, (4, int(18 * scale / 0.5)), cv2.FONT_HERSHEY_SIMPLEX, scale,
+    scale = max(0.4, picture.shape[1] / 1100)
+    band = np.zeros((int(26 * scale / 0.5), picture.shape[1], 3), np.uint8)   # title strip
+    cv2.putText(band, title, (4, int(18 * scale / 0.5)), cv2.FONT_HERSHEY_SIMPLEX, scale,
                 (255, 255, 255), 1, cv2.LINE_AA)
-    return picture
+    return np.vstack([band, picture])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ resolved fine-tuning config (cells/<cell>/config.yaml):
 (data.dataset) and label budget (fewshot.budget) count; several cells of one candidate (seeds,
 gray adapters, ...) are averaged.
 
-Reported: Spearman's rho between the candidates' scores and their mean fine-tuned MRE
-(average ranks for ties). SIGN CONVENTION: a higher score should mean a lower MRE, so a score
+Reported, per grid folder (one fine-tuning protocol each: like with like) and pooled over all
+of them (more candidates, mixed protocols): Spearman's rho between the candidates' scores and
+their mean fine-tuned MRE (average ranks for ties), and whether the best-scored candidate had
+the lowest MRE. SIGN CONVENTION: a higher score should mean a lower MRE, so a score
 that orders candidates the way fine-tuning does gives rho = -1; rho = +1 is the reverse order.
 With n candidates, |rho| < 1 is possible only for n >= 3, and a handful of candidates says
 little: the number is always printed with n.
@@ -74,20 +76,43 @@ class ValidationRow:
 
 
 @dataclass
-class Validation:
-    rows: list[ValidationRow]
+class Agreement:
+    """How one set of candidates' scores agrees with their fine-tuned MRE."""
+    rows: list[ValidationRow]    # sorted by MRE, best first
     rho: float                   # Spearman(score, MRE): -1 = the score's order is fine-tuning's
     n: int
     top1: Optional[bool]         # the best-scored candidate had the lowest MRE
+
+    @staticmethod
+    def of(rows: list[ValidationRow]) -> "Agreement":
+        for row in rows:
+            row.mre = float(np.mean(row.mres))
+        rows = sorted(rows, key=lambda r: r.mre)
+        usable = [r for r in rows if math.isfinite(r.score)]
+        rho = spearman([r.score for r in usable], [r.mre for r in usable])
+        top1 = None
+        if len(usable) >= 2:
+            best = max(usable, key=lambda r: r.score)
+            top1 = best.mre == min(r.mre for r in usable)
+        return Agreement(rows=rows, rho=rho, n=len(usable), top1=top1)
+
+
+@dataclass
+class Validation:
+    grids: dict[str, Agreement]  # per grid folder: one fine-tuning protocol each
+    pooled: Agreement            # every cell of every grid, averaged per candidate
     skipped: dict[str, int]
     budget: Optional[int]
 
 
 def validate_ranking(result: RankResult, cfg: FinetuneConfig,
                      grid_dirs: list[str | Path]) -> Validation:
+    """Per grid and pooled agreement of the ranking's scores with the grids' fine-tuned MRE.
+    Grids may fine-tune differently (steps, batch, architecture): the per-grid values compare
+    like with like; the pooled value adds candidates at the price of mixing protocols."""
     from ddpm_landmarks.experiments.report import load_cells
     by_key = {row.key: row for row in result.rows}
-    found: dict[str, ValidationRow] = {}
+    per_grid: dict[str, dict[str, ValidationRow]] = {}
     skipped: dict[str, int] = {}
 
     def skip(reason: str) -> None:
@@ -98,6 +123,7 @@ def validate_ranking(result: RankResult, cfg: FinetuneConfig,
             cells = load_cells(grid)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"--validate: {err}") from None
+        found = per_grid.setdefault(grid.name, {})
         for cell in cells:
             mre = (cell.get("metrics") or {}).get("mre")
             if cell.get("status") != "done" or mre is None:
@@ -123,42 +149,44 @@ def validate_ranking(result: RankResult, cfg: FinetuneConfig,
                 skip(why or "not among the candidates")
                 continue
             row = by_key[key]
-            entry = found.setdefault(key, ValidationRow(row.candidate, row.score, row.rank,
-                                                        math.nan, str(cell["metrics"].get(
-                                                            "unit", ""))))
+            entry = found.setdefault(key, ValidationRow(
+                row.candidate, row.score, row.rank, math.nan,
+                str(cell["metrics"].get("unit", ""))))
             entry.cells.append(f"{grid.name}/{cell.get('name')}")
             entry.mres.append(float(mre))
-    rows = []
-    for entry in found.values():
-        entry.mre = float(np.mean(entry.mres))
-        rows.append(entry)
-    rows.sort(key=lambda r: r.mre)
-    usable = [r for r in rows if math.isfinite(r.score)]
-    rho = spearman([r.score for r in usable], [r.mre for r in usable])
-    top1 = None
-    if len(usable) >= 2:
-        best = max(usable, key=lambda r: r.score)
-        top1 = best.mre == min(r.mre for r in usable)
-    return Validation(rows=rows, rho=rho, n=len(usable), top1=top1, skipped=skipped,
+    pooled: dict[str, ValidationRow] = {}
+    for found in per_grid.values():
+        for key, entry in found.items():
+            merged = pooled.setdefault(key, ValidationRow(entry.candidate, entry.score,
+                                                          entry.rank, math.nan, entry.unit))
+            merged.cells += entry.cells
+            merged.mres += entry.mres
+    return Validation(grids={name: Agreement.of(list(found.values()))
+                             for name, found in per_grid.items()},
+                      pooled=Agreement.of(list(pooled.values())), skipped=skipped,
                       budget=cfg.fewshot.budget)
 
 
+def _rho(a: Agreement) -> str:
+    return "n/a" if not math.isfinite(a.rho) else f"{a.rho:+.3f}"
+
+
 def validation_markdown(v: Validation, score_name: str) -> str:
-    unit = v.rows[0].unit if v.rows else ""
+    unit = v.pooled.rows[0].unit if v.pooled.rows else ""
     lines = [f"Validation against fine-tuning (label budget N={v.budget}): Spearman rho"
-             f"({score_name}, fine-tuned MRE) = "
-             f"{'n/a' if not math.isfinite(v.rho) else f'{v.rho:+.3f}'} over n = {v.n} "
-             f"candidates (-1 = the score orders the candidates exactly as fine-tuning does; "
-             f"higher score should mean lower MRE)"
-             + ("" if v.top1 is None else
-                f"; best-scored candidate had the lowest MRE: {'yes' if v.top1 else 'no'}"),
-             "",
-             f"| candidate | rank | {score_name} | fine-tuned MRE ({unit}) | cells | MRE per cell |",
-             "|---|---|---|---|---|---|"]
-    for r in v.rows:
+             f"({score_name}, fine-tuned MRE); -1 = the score orders the candidates exactly as "
+             f"fine-tuning does (higher score should mean lower MRE), +1 = the reverse", ""]
+    groups = list(v.grids.items()) + ([("pooled", v.pooled)] if len(v.grids) > 1 else [])
+    for name, a in groups:
+        top = "" if a.top1 is None else f"; best-scored candidate had the lowest MRE: " \
+                                        f"{'yes' if a.top1 else 'no'}"
+        lines.append(f"- {name}: rho = {_rho(a)} over n = {a.n} candidates{top}")
+    lines += ["", f"| candidate | rank | {score_name} | fine-tuned MRE ({unit}) | cells | "
+                  f"MRE per cell |", "|---|---|---|---|---|---|"]
+    for r in v.pooled.rows:
+        per_cell = ", ".join(f"{cell} {m:.3f}" for cell, m in zip(r.cells, r.mres))
         lines.append(f"| {r.candidate} | {'-' if r.rank is None else r.rank} | "
-                     f"{r.score:.4f} | {r.mre:.3f} | {len(r.cells)} | "
-                     f"{', '.join(f'{m:.3f}' for m in r.mres)} |")
+                     f"{r.score:.4f} | {r.mre:.3f} | {len(r.cells)} | {per_cell} |")
     if v.skipped:
         lines += ["", "Cells not used: " + ", ".join(f"{k}: {n}" for k, n in
                                                     sorted(v.skipped.items()))]
@@ -168,10 +196,11 @@ def validation_markdown(v: Validation, score_name: str) -> str:
 def write_validation(v: Validation, score_name: str, out_dir: str | Path) -> dict[str, Path]:
     from ddpm_landmarks.evaluation.metrics import csv_text
     out = Path(out_dir)
-    rows = [[r.candidate, r.rank, r.score, r.mre, r.unit, len(r.cells), " ".join(r.cells),
-             " ".join(f"{m:.6g}" for m in r.mres)] for r in v.rows]
-    csv = csv_text(["candidate", "rank", "score", "mre", "unit", "n_cells", "cells", "mres"],
-                   rows)
+    rows = [[group, r.candidate, "" if r.rank is None else r.rank, r.score, r.mre, r.unit,
+             len(r.cells), " ".join(r.cells), " ".join(f"{m:.6g}" for m in r.mres)]
+            for group, a in list(v.grids.items()) + [("pooled", v.pooled)] for r in a.rows]
+    csv = csv_text(["group", "candidate", "rank", "score", "mre", "unit", "n_cells", "cells",
+                    "mres"], rows)
     return {"validation_md": atomic_write_text(out / "validation.md",
                                                validation_markdown(v, score_name)),
             "validation_csv": atomic_write_text(out / "validation.csv", csv)}

@@ -85,6 +85,8 @@ def pretraining_sources(config: dict) -> list[Source]:
     sources = [Source(f"{dataset}:{split}", dataset_anatomy(dataset))
                for split in unlabeled.get("labelled_splits") or []]
     for pool in unlabeled.get("pools") or []:
+        if pool.get("weight", 1.0) == 0:
+            continue                       # never sampled
         name, path = str(pool.get("name") or ""), str(pool.get("path") or "")
         sources.append(Source(f"pool {name or path}", pool_anatomy(name, path)))
     return sources or [Source("(no pretraining images named in the config)", UNKNOWN)]
@@ -116,7 +118,10 @@ def regressor_sources(config: dict, depth: int = 0) -> list[Source]:
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         return {}
-    loaded = yaml.safe_load(path.read_text())
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return loaded if isinstance(loaded, dict) else {}
 
 
@@ -231,6 +236,16 @@ def _random_candidate(spec: str) -> Candidate:
     return Candidate(spec=f"random:{arch}:{name}", kind="random", detail=f"{arch} {name}")
 
 
+def _json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: not readable JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return value
+
+
 def _is_unet_export(folder: Path) -> bool:
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -248,11 +263,11 @@ def identify_candidate(spec: str) -> Candidate:
         raise ConfigError(f"candidate {spec}: no such file or folder")
     if (folder / "regressor.json").is_file():
         config = _read_yaml(folder / "config.yaml")
-        arch = json.loads((folder / "regressor.json").read_text()).get("regressor", {})
+        arch = _json(folder / "regressor.json").get("regressor") or {}
         return Candidate(spec, "regressor", f"{arch.get('arch', '?')} fine-tuned", folder,
                          config, regressor_sources(config))
     if (folder / "encoder.json").is_file():
-        meta = json.loads((folder / "encoder.json").read_text())
+        meta = _json(folder / "encoder.json")
         config = _export_config(folder)
         return Candidate(spec, "ssl export", f"{meta.get('method', '?')} "
                          f"{meta.get('encoder', '?')} ({meta.get('in_channels', '?')} ch)",

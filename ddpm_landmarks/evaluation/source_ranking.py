@@ -29,7 +29,6 @@ Filters and order (per candidate, source_candidates.py for what it was trained o
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import math
@@ -195,8 +194,7 @@ def rank_sources(cfg: FinetuneConfig, rank: RankConfig, specs: list[str]) -> Ran
         t0 = time.perf_counter()
         features = c.load(task.num_landmarks, cfg.data.image_size, rank.seed, device)
         total, partial = feature_statistics(features, task, rank.batch_size, device)
-        del features
-        gc.collect()
+        del features                   # the model: one candidate in memory at a time
         details = (logme_score(total, partial, task) if rank.score == "logme"
                    else hscore(total, rank.hscore_shrinkage))
         notes, label = [], None
