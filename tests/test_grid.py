@@ -82,15 +82,49 @@ def test_plan_shares_pretraining_and_orders_overrides(tmp_path, synth_root):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")),
                          ids=lambda p: p.name)
-def test_shipped_experiment_files_plan(path, monkeypatch):
-    monkeypatch.chdir(ROOT)                  # their config paths are relative to the project
+def test_shipped_experiment_files_plan(path, monkeypatch, tmp_path):
+    # Their config paths are relative to the project; checkpoint globs name the folders of other
+    # grids' runs (experiments/source-ranking.yaml), which a fresh clone does not have: stand-ins
+    # in a scratch working directory that links the project's configs.
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    monkeypatch.chdir(tmp_path)
+    stand_ins = _checkpoint_stand_ins(path, tmp_path)
     plan = build_plan(load_grid(path))
+    for cell in plan.cells:                  # each checkpoint in its own architecture
+        if cell.init in stand_ins:
+            model = cell.config.model
+            assert (model.arch, model.init) == stand_ins[cell.init], cell.name
     grid = plan.grid
     assert len(plan.cells) == len(grid.datasets) * len(grid.inits) * len(grid.budgets) * \
         len(grid.seeds)
     for job in plan.pretrainings:            # never pretrain on the split we report on
         assert any(grid.eval_split in e or "test" in e for e in job.config.unlabeled.exclude) \
             or not job.config.unlabeled.labelled_splits
+
+
+def _checkpoint_stand_ins(path: Path, workdir: Path) -> dict[str, tuple[str, str]]:
+    """Empty stand-ins for the `checkpoint` globs of an experiment file (an SSL export when the
+    path names simclr / moco, a saved regressor for a `best` folder, else a DDPM export) and the
+    (arch, init) each cell should get."""
+    expected = {}
+    for name, init in (yaml.safe_load(path.read_text()).get("inits") or {}).items():
+        pattern = (init or {}).get("checkpoint", "")
+        if (init or {}).get("kind") != "checkpoint" or "*" not in pattern:
+            continue
+        folder = workdir / pattern.replace("*", "standin")
+        folder.mkdir(parents=True)
+        if "simclr" in pattern or "moco" in pattern:
+            (folder / "encoder.json").write_text(json.dumps(
+                {"encoder": "resnet18", "in_channels": 3 if "rgb" in pattern else 1}))
+            expected[name] = ("smp_unet", "pretrained")
+        elif folder.name == "best":
+            arch = "smp_unetplusplus" if "unetpp" in pattern else "smp_unet"
+            (folder / "regressor.json").write_text(json.dumps(
+                {"regressor": {"arch": arch, "encoder": "resnet18", "gray_adapter": "repeat"}}))
+            expected[name] = (arch, "regressor")
+        else:
+            expected[name] = ("ddpm_unet", "pretrained")
+    return expected
 
 
 def test_plan_errors_name_the_key(tmp_path, synth_root):

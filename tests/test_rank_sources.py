@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from accelerate.state import AcceleratorState, GradientState
@@ -126,6 +127,11 @@ def test_validation_matches_cells_to_candidates_and_reports_spearman(tmp_path):
         "random:smp_encoder:resnet18": (1.5, 1)}
     # scores 3, 2, 1 (ranks 3, 2, 1) vs MRE 1.1, 2.0, 1.5 (ranks 1, 3, 2): rho = -1 / 2.
     assert one.n == 3 and one.rho == pytest.approx(-0.5) and one.top1 is True
+    # the 3! = 6 pairings of 3 values give rho = +-1, +-0.5, +-0.5: every one has |rho| >= 0.5,
+    # so 3 candidates can never be significant
+    assert one.p == 1.0
+    # the final ranking is by score here (no candidate fails a filter): the same rho
+    assert one.n_ranked == 3 and one.rho_rank == pytest.approx(one.rho)
     assert v.grids["grid2"].n == 1 and math.isnan(v.grids["grid2"].rho)
     # Pooled: export (1.0 + 1.2 + 3.0) / 3 = 1.733 -> MRE ranks 2, 3, 1: rho = +1 / 2.
     assert v.pooled.rows[1].candidate == "export" and v.pooled.rows[1].mre == pytest.approx(5.2 / 3)
@@ -263,3 +269,16 @@ def test_cli_errors(tmp_path, capsys):
     for extra, message in cases:
         assert cli_main(target + extra) == 2, extra
         assert message in capsys.readouterr().err, extra
+
+
+def test_permutation_p_by_enumeration():
+    from itertools import permutations
+    from ddpm_landmarks.evaluation.ranking_validation import permutation_p
+    from ddpm_landmarks.evaluation.transferability import spearman
+    x, y = [1.0, 2.0, 3.0, 4.0, 5.0], [1.2, 1.1, 2.5, 3.0, 4.0]      # rho = 0.9
+    exact = np.mean([abs(spearman(x, list(p))) >= 0.9 - 1e-12 for p in permutations(y)])
+    # |rho| >= 0.9 <=> sum d^2 <= 2 or >= 38: the identity and the 4 adjacent swaps, and the
+    # reverses of those 5
+    assert exact == pytest.approx(10 / 120)
+    assert permutation_p(x, y, permutations=20000) == pytest.approx(exact, abs=0.01)
+    assert permutation_p(x, y) == permutation_p(x, y)                      # seeded

@@ -290,3 +290,32 @@ def test_shipped_transfer_experiments_plan_the_studies(monkeypatch):
     assert not isbi.pools and isbi.labelled_splits == ["train"]
     assert any(e.startswith("isbi2015:test1") for e in isbi.exclude)
     assert pre["ddpm_chest"].train.max_steps == pre["ddpm_isbi"].train.max_steps   # equal compute
+
+
+def test_checkpoint_init_takes_a_saved_regressor_and_a_unique_glob(tmp_path, roots):
+    # A fine-tuned regressor on disk (a source of another grid, say) as a `checkpoint` init:
+    # its body with a new head in its own architecture; a glob stands for the hashed folder.
+    saved = tmp_path / "other_grid" / "sources" / "six-1a2b3c4d" / "best"
+    save_regressor(build_regressor(RegressorConfig(arch="smp_unetplusplus", init="scratch",
+                                                   encoder="resnet18", gray_adapter="colorize"),
+                                   6, 64), saved)
+    pattern = str(tmp_path / "other_grid" / "sources" / "six-*" / "best")
+    path = experiment(tmp_path, roots, {"six": {"kind": "checkpoint", "checkpoint": pattern}},
+                      budgets=[4])
+    (cell,) = build_plan(load_grid(path)).cells
+    model = cell.config.model
+    assert (model.init, model.pretrained_path) == ("regressor", str(saved))
+    assert (model.arch, model.encoder, model.gray_adapter) == \
+        ("smp_unetplusplus", "resnet18", "colorize")
+
+    # a glob must name one folder: none (the grid that makes it has not run) or two are errors
+    for name in ("seven-*", "*"):
+        if name == "*":
+            (tmp_path / "other_grid" / "sources" / "seven-00000000" / "best").mkdir(parents=True)
+        spec = yaml.safe_load(path.read_text())
+        spec["inits"]["six"]["checkpoint"] = str(tmp_path / "other_grid" / "sources" / name /
+                                                 "best")
+        path.write_text(yaml.safe_dump(spec))
+        with pytest.raises(ConfigError, match="must match exactly one folder") as err:
+            build_plan(load_grid(path))
+        assert ("nothing" in str(err.value)) == (name == "seven-*")

@@ -17,6 +17,9 @@ of them (more candidates, mixed protocols): Spearman's rho between the candidate
 their mean fine-tuned MRE (average ranks for ties), and whether the best-scored candidate had
 the lowest MRE. SIGN CONVENTION: a higher score should mean a lower MRE, so a score
 that orders candidates the way fine-tuning does gives rho = -1; rho = +1 is the reverse order.
+Also reported: a seeded permutation p-value of rho, and the same rho for the FINAL ranking
+(Spearman(-rank, MRE), same sign convention), where the anatomy / label-map filters put the
+candidates that fail them last whatever their score: that is the order a user acts on.
 With n candidates, |rho| < 1 is possible only for n >= 3, and a handful of candidates says
 little: the number is always printed with n.
 """
@@ -82,6 +85,10 @@ class Agreement:
     rho: float                   # Spearman(score, MRE): -1 = the score's order is fine-tuning's
     n: int
     top1: Optional[bool]         # the best-scored candidate had the lowest MRE
+    p: float                     # two-sided permutation p-value of rho (seeded)
+    rho_rank: float              # Spearman(-rank, MRE): the final ranking, filters included
+    n_ranked: int
+    p_rank: float
 
     @staticmethod
     def of(rows: list[ValidationRow]) -> "Agreement":
@@ -89,12 +96,31 @@ class Agreement:
             row.mre = float(np.mean(row.mres))
         rows = sorted(rows, key=lambda r: r.mre)
         usable = [r for r in rows if math.isfinite(r.score)]
-        rho = spearman([r.score for r in usable], [r.mre for r in usable])
+        scores, mres = [r.score for r in usable], [r.mre for r in usable]
+        rho = spearman(scores, mres)
         top1 = None
         if len(usable) >= 2:
             best = max(usable, key=lambda r: r.score)
             top1 = best.mre == min(r.mre for r in usable)
-        return Agreement(rows=rows, rho=rho, n=len(usable), top1=top1)
+        ranked = [r for r in rows if r.rank is not None]
+        order, ranked_mres = [-float(r.rank) for r in ranked], [r.mre for r in ranked]
+        return Agreement(rows=rows, rho=rho, n=len(usable), top1=top1,
+                         p=permutation_p(scores, mres), rho_rank=spearman(order, ranked_mres),
+                         n_ranked=len(ranked), p_rank=permutation_p(order, ranked_mres))
+
+
+def permutation_p(x: list[float], y: list[float], permutations: int = 10000,
+                  seed: int = 0) -> float:
+    """Two-sided p-value of Spearman's rho under random pairing (seeded, so a report is
+    reproducible): the share of permutations of y with |rho| at least the observed |rho|."""
+    rho = spearman(x, y)
+    if not math.isfinite(rho):
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y, dtype=float)
+    hits = sum(abs(spearman(x, rng.permutation(y))) >= abs(rho) - 1e-12
+               for _ in range(permutations))
+    return (hits + 1) / (permutations + 1)
 
 
 @dataclass
@@ -167,8 +193,12 @@ def validate_ranking(result: RankResult, cfg: FinetuneConfig,
                       budget=cfg.fewshot.budget)
 
 
+def _rho_value(rho: float) -> str:
+    return "n/a" if not math.isfinite(rho) else f"{rho:+.3f}"
+
+
 def _rho(a: Agreement) -> str:
-    return "n/a" if not math.isfinite(a.rho) else f"{a.rho:+.3f}"
+    return _rho_value(a.rho)
 
 
 def validation_markdown(v: Validation, score_name: str) -> str:
@@ -180,7 +210,11 @@ def validation_markdown(v: Validation, score_name: str) -> str:
     for name, a in groups:
         top = "" if a.top1 is None else f"; best-scored candidate had the lowest MRE: " \
                                         f"{'yes' if a.top1 else 'no'}"
-        lines.append(f"- {name}: rho = {_rho(a)} over n = {a.n} candidates{top}")
+        p = "" if not math.isfinite(a.p) else f" (permutation p = {a.p:.3f})"
+        final = f"; final ranking (filters first, then score): rho = " \
+                f"{_rho_value(a.rho_rank)} over {a.n_ranked}" + \
+                ("" if not math.isfinite(a.p_rank) else f" (p = {a.p_rank:.3f})")
+        lines.append(f"- {name}: rho = {_rho(a)} over n = {a.n} candidates{p}{top}{final}")
     lines += ["", f"| candidate | rank | {score_name} | fine-tuned MRE ({unit}) | cells | "
                   f"MRE per cell |", "|---|---|---|---|---|---|"]
     for r in v.pooled.rows:

@@ -164,8 +164,11 @@ def estimate(plan: Plan, done_cells: set[str], done_pretrainings: set[str],
             job.name in done_pretrainings, f"{job.method}, shared by {len(job.users)} cells")
     def finetune_key(job: Cell | SourceJob) -> tuple:
         m = job.config.model
+        # An existing checkpoint's network is the one saved with it, not the config's preset.
+        saved = m.pretrained_path if (m.init in ("pretrained", "regressor") and not
+                                      job.dependencies) else ""
         return ("finetune", m.arch, body_preset(job), m.encoder, m.gray_adapter, m.head,
-                job.config.data.image_size, job.config.data.num_landmarks)
+                job.config.data.image_size, job.config.data.num_landmarks, saved)
 
     for src in plan.sources:
         add("source", src.name, src.config.train, finetune_key(src),

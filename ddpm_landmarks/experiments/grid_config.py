@@ -34,7 +34,9 @@ Experiment file (every key is checked, as in run configs):
 Init kinds (INIT_KINDS): `ddpm` and the SSL methods (`simclr`, `moco_v2`, `moco_v3`) pretrain
 first (one run per distinct resolved pretraining config, shared by every cell that needs it:
 all budgets and seeds, and every dataset whose pretraining config resolves to the same);
-`imagenet`, `scratch` and `checkpoint` (an existing DDPM or SSL export) do not; `mean_shape`
+`imagenet`, `scratch` and `checkpoint` (an existing DDPM or SSL export, or a saved fine-tuned
+regressor, whose body the cells fine-tune with a new head; the path may be a glob such as
+`runs/grids/cpu-small/pretrain/ddpm-*/export` that must match exactly one folder) do not; `mean_shape`
 is the trivial predictor (mean training landmark positions, no network); `supervised` fine-tunes
 a source job's model (a fine-tuning on another labelled dataset, shared like a pretraining and
 itself initialised by `source_init`, another init of the grid: chains; grid_jobs.py) with a new
@@ -102,7 +104,8 @@ class InitSpec:
     # configs/pretrain/<kind>_<dataset>.yaml (SSL).
     pretrain: str = ""
     pretrain_overrides: list[str] = field(default_factory=list)
-    checkpoint: str = ""                # kind=checkpoint: an export folder (DDPM U-Net or SSL)
+    checkpoint: str = ""                # kind=checkpoint: DDPM / SSL export or saved regressor
+                                        # folder; a glob must match exactly one
     # Which weights of the pretraining the cells fine-tune: its last step ("export") or the step
     # with the best landmark probe ("best": needs probe.every > 0 in the pretraining config).
     pretrain_weights: Literal["export", "best"] = "export"
@@ -241,9 +244,16 @@ def _kind_overrides(kind: str, export: Optional[Path], pretrain_cfg: Optional[Pr
         overrides += [f"model.encoder={ssl.encoder}",
                       "model.gray_adapter=" + ("in_channels" if ssl.in_channels == 1 else "repeat")]
     if kind == "checkpoint" and export is not None:
-        # An SSL export is an smp encoder; anything else a DDPM U-Net export.
+        # A saved regressor: its body, a new head (regressor_init.py). An SSL export is an smp
+        # encoder; anything else a DDPM U-Net export.
         meta = export / "encoder.json"
-        if meta.is_file():
+        if (export / "regressor.json").is_file():
+            model = json.loads((export / "regressor.json").read_text()).get("regressor") or {}
+            arch = model.get("arch", "ddpm_unet")
+            overrides += ["model.init=regressor"] + [
+                f"model.{name}={model[name]}" for name in BODY_FIELDS.get(arch, ("arch",))
+                if name in model]
+        elif meta.is_file():
             info = json.loads(meta.read_text())
             overrides += ["model.arch=smp_unet", f"model.encoder={info.get('encoder', '')}",
                           "model.gray_adapter=" + (
@@ -254,6 +264,20 @@ def _kind_overrides(kind: str, export: Optional[Path], pretrain_cfg: Optional[Pr
         model = source.config.model
         overrides += [f"model.{name}={getattr(model, name)}" for name in BODY_FIELDS[model.arch]]
     return overrides
+
+
+def checkpoint_folder(init: str, path: str) -> Path:
+    """inits.<init>.checkpoint as a folder: a glob (runs/.../ddpm-*/export: the hash of a
+    pretraining run folder need not be copied by hand) must match exactly one folder."""
+    if not any(char in path for char in "*?["):
+        return Path(path)
+    matches = sorted(p for p in Path().glob(path) if p.is_dir()) if not Path(path).is_absolute() \
+        else sorted(p for p in Path("/").glob(path.lstrip("/")) if p.is_dir())
+    if len(matches) != 1:
+        found = ", ".join(map(str, matches)) or "nothing (run what makes it first)"
+        raise ConfigError(f"inits.{init}.checkpoint: {path!r} must match exactly one folder; "
+                          f"it matches {found}")
+    return matches[0]
 
 
 @dataclass
@@ -283,7 +307,7 @@ def resolve_init(grid: GridConfig, init: str, dataset: str, ds: DatasetSpec, job
             raise ConfigError(f"inits.{init}.pretrain_weights=best needs the landmark "
                               f"probe in its pretraining (probe.every > 0)")
     elif kind == "checkpoint":
-        export = Path(spec.checkpoint)
+        export = checkpoint_folder(init, spec.checkpoint)
     elif kind == "supervised":
         base = InitResolution("", [])
         if spec.source_init:
