@@ -30,3 +30,13 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    """Every test starts and ends with fresh Accelerate singletons: tests build several
+    Accelerators (precisions, process counts) in one process."""
+    from ddpm_landmarks.training.engine import reset_accelerate_state
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from ddpm_landmarks.cli.main import main as cli_main
 from ddpm_landmarks.config import ConfigError, DataConfig, load_config, to_dict
@@ -20,6 +19,7 @@ from ddpm_landmarks.evaluation.attention import (AttentionConfig, analyse, input
                                                  roi_mask, saliency_fraction)
 from ddpm_landmarks.evaluation.saliency_targets import SaliencyTarget, load_target
 from ddpm_landmarks.training.config import PretrainConfig
+from ddpm_landmarks.training.engine import reset_accelerate_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH = {"data.synthetic_num_images": 24, "data.synthetic_image_size": 64,
@@ -135,10 +135,6 @@ def test_a_model_that_looks_at_the_left_half(synth_root, tmp_path):
 
 # ------------------------------------------------------------------------------ command line
 
-def _reset_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
 
 @pytest.fixture(scope="module")
 def models(synth_root, tmp_path_factory) -> dict[str, Path]:
@@ -146,13 +142,13 @@ def models(synth_root, tmp_path_factory) -> dict[str, Path]:
     (random init: the command's plumbing, not what they learned)."""
     out = tmp_path_factory.mktemp("models")
     common = [f"data.root={synth_root}"] + [f"{k}={v}" for k, v in SYNTH.items()]
-    _reset_accelerate()
+    reset_accelerate_state()
     assert cli_main(["finetune", str(ROOT / "configs" / "finetune" / "synthetic.yaml"), *common,
                      "model.init=scratch", "model.pretrained_path=''", "train.max_steps=2",
                      "train.batch_size=4", "train.eval_every=0", "train.checkpoint_every=0",
                      "train.num_workers=0", "fewshot.budget=4", "fewshot.val_policy=none",
                      "logger.kind=none", f"run.output_dir={out}", "run.name=ft"]) == 0
-    _reset_accelerate()
+    reset_accelerate_state()
     from ddpm_landmarks.methods import METHODS
     paths = {"regressor": out / "ft"}
     for name, config in (("ddpm", "synthetic.yaml"), ("simclr", "simclr_synthetic.yaml")):

@@ -13,7 +13,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from ddpm_landmarks.cli.main import main as cli_main
@@ -25,6 +24,7 @@ from ddpm_landmarks.evaluation.classification_metrics import (classification_sum
 from ddpm_landmarks.models.classifier import (ClassifierConfig, DDPMEncoder, build_classifier,
                                               load_classifier, save_classifier)
 from ddpm_landmarks.training.classify_config import ClassifyConfig
+from ddpm_landmarks.training.engine import reset_accelerate_state
 
 # One intra-op thread: on the shared 2-core machine two OpenMP threads per process spin against
 # the other jobs (a ResNet-18 step at 64 px measured 3-4 s with two threads, 0.6 s with one).
@@ -34,18 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "classify" / "synthetic.yaml"
 SYNTH = {"data.synthetic_num_images": 120, "data.synthetic_image_size": 128,
          "data.image_size": 64}
-
-
-def _reset_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    _reset_accelerate()
-    yield
-    _reset_accelerate()
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +335,7 @@ def test_resumed_run_equals_uninterrupted(synth_root, tmp_path):
     def run(out, **values):
         cfg = load_config(CONFIG, overrides(synth_root, out, **{**common, **values}),
                           cls=ClassifyConfig)
-        _reset_accelerate()
+        reset_accelerate_state()
         return classify(cfg)
 
     run(tmp_path / "full", **{"train.max_steps": 8})

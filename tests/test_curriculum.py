@@ -16,7 +16,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 
 from ddpm_landmarks.cli.main import main as cli_main
 from ddpm_landmarks.config import AugmentConfig, ConfigError, load_config
@@ -27,6 +26,7 @@ from ddpm_landmarks.data.sample import DataError
 from ddpm_landmarks.data.unlabeled import ExclusionReport, MixedPools, UnlabeledPool
 from ddpm_landmarks.methods import METHODS
 from ddpm_landmarks.training.config import CurriculumStage, PretrainConfig, ViewConfig
+from ddpm_landmarks.training.engine import reset_accelerate_state
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "pretrain" / "synthetic.yaml"
@@ -35,18 +35,6 @@ _spec = importlib.util.spec_from_file_location("curriculum_two_procs", SCRIPT)
 twoproc = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(twoproc)
 POOLS = {"a": range(10, 15), "b": range(20, 25), "c": range(30, 34)}   # gray level = image id
-
-
-def _reset_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    _reset_accelerate()
-    yield
-    _reset_accelerate()
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -173,7 +161,7 @@ def _overrides(tmp_path: Path, folders: dict[str, Path], **extra) -> list[str]:
 
 def _run(overrides: list[str]) -> None:
     from ddpm_landmarks.pretrain import pretrain
-    _reset_accelerate()
+    reset_accelerate_state()
     pretrain(load_config(CONFIG, overrides, cls=PretrainConfig))
 
 

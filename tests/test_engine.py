@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
 from ddpm_landmarks.training import checkpoint as ckpt_mod
 from ddpm_landmarks.training.checkpoint import (find_latest, list_checkpoints, resolve_resume,
                                                 save_checkpoint)
 from ddpm_landmarks.training.config import OptimConfig, TrainConfig
-from ddpm_landmarks.training.engine import Trainer
+from ddpm_landmarks.training.engine import Trainer, reset_accelerate_state
 from ddpm_landmarks.training.optim import build_scheduler, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,21 +27,8 @@ toy = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(toy)
 
 
-def _reset_accelerate() -> None:
-    # Accelerate keeps process-wide singletons; tests build several Accelerators in one process.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    _reset_accelerate()
-    yield
-    _reset_accelerate()
-
-
 def make_trainer(run_dir, *, noise=False, optim=None, n_images=24, **train_kwargs):
-    _reset_accelerate()
+    reset_accelerate_state()
     kwargs = dict(max_steps=4, batch_size=4, grad_accum=1, ema_decay=0.9, checkpoint_every=0,
                   keep_checkpoints=3, num_workers=0, log_every=1, image_every=0, seed=0)
     kwargs.update(train_kwargs)
@@ -135,7 +121,7 @@ def test_image_logging_uses_ema_and_leaves_training_alone(tmp_path):
     plain = make_trainer(tmp_path / "plain", max_steps=4, noise=True)
     plain.fit()
 
-    _reset_accelerate()
+    reset_accelerate_state()
     method = toy.ToyMethod(seed=0, noise=True)
     cfg = TrainConfig(max_steps=4, batch_size=4, ema_decay=0.9, checkpoint_every=0,
                       num_workers=0, image_every=2, seed=0)
@@ -338,7 +324,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert [p.name for p in list_checkpoints(out / "run")] == ["step_00000006", "step_00000008"]
     assert (out / "run" / "checkpoints" / "step_00000008" / "random_states_1.pkl").is_file()
 
-    _reset_accelerate()
+    reset_accelerate_state()
     one = toy.run(tmp_path / "one", batch_size=4, max_steps=8)
     assert one["num_processes"] == 1
     # Tolerance: the gloo all-reduce sums in another order than one big batch (measured

@@ -10,23 +10,13 @@ import math
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from ddpm_landmarks.training.config import OptimConfig, TrainConfig
-from ddpm_landmarks.training.engine import Trainer
+from ddpm_landmarks.training.engine import Trainer, reset_accelerate_state
 from ddpm_landmarks.training.finetune_config import FinetuneOptimConfig
 from ddpm_landmarks.training.optim import WarmupPlateauFactor, build_scheduler
 
 from test_engine import toy  # noqa: E402  (the toy method and images of the engine tests)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 class Scripted:
@@ -44,8 +34,7 @@ class Scripted:
 
 
 def make(run_dir, validate, optim=None, **train):
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     kwargs = dict(max_steps=12, batch_size=4, ema=False, checkpoint_every=0, num_workers=0,
                   log_every=1, image_every=0, eval_every=2, seed=0)
     kwargs.update(train)

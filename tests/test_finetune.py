@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from ddpm_landmarks.cli.main import main as cli_main
@@ -22,6 +21,7 @@ from ddpm_landmarks.data.sample import DataError
 from ddpm_landmarks.finetune import finetune
 from ddpm_landmarks.pretrain import pretrain
 from ddpm_landmarks.training.config import PretrainConfig
+from ddpm_landmarks.training.engine import reset_accelerate_state
 from ddpm_landmarks.training.finetune_config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,18 +30,6 @@ PRETRAIN = ROOT / "configs" / "pretrain" / "synthetic.yaml"
 
 # No torch_one_thread here: these runs load data in the main process (num_workers=0), so both
 # cores go to the model (1.6x faster than one thread on the 2-core CI machine).
-
-
-def _reset_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    _reset_accelerate()
-    yield
-    _reset_accelerate()
 
 
 def as_overrides(values: dict) -> list[str]:
@@ -64,7 +52,7 @@ def synth_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pretrained(synth_root, tmp_path_factory) -> Path:
     """A short DDPM pretraining of the tiny U-Net on the synthetic 'train' split."""
-    _reset_accelerate()
+    reset_accelerate_state()
     out = tmp_path_factory.mktemp("pretrain")
     cfg = load_config(PRETRAIN, as_overrides({
         **SYNTH, "data.root": synth_root, "train.max_steps": 40, "train.batch_size": 8,
@@ -72,7 +60,7 @@ def pretrained(synth_root, tmp_path_factory) -> Path:
         "train.log_every": 20, "optim.warmup_steps": 10, "run.output_dir": out,
         "run.name": "pre"}), cls=PretrainConfig)
     pretrain(cfg)
-    _reset_accelerate()
+    reset_accelerate_state()
     return out / "pre" / "export"
 
 
@@ -185,10 +173,10 @@ def test_resumed_finetune_equals_uninterrupted(synth_root, tmp_path):
               "train.checkpoint_every": 4, "optim.warmup_steps": 2, "optim.schedule": "plateau",
               "optim.plateau_patience": 1}
     finetune(ft_config(synth_root, tmp_path / "full", **common, **{"train.max_steps": 12}))
-    _reset_accelerate()
+    reset_accelerate_state()
     # The cut run stops at step 8 (as if killed after its checkpoint), then resumes.
     finetune(ft_config(synth_root, tmp_path / "cut", **common, **{"train.max_steps": 8}))
-    _reset_accelerate()
+    reset_accelerate_state()
     summary = finetune(ft_config(synth_root, tmp_path / "cut", **common,
                                  **{"train.max_steps": 12, "train.resume": "latest"}))
     assert summary["step"] == 12
@@ -207,7 +195,7 @@ def test_checkpoint_of_another_landmark_count_is_a_clear_error(synth_root, tmp_p
     common = {"fewshot.budget": 8, "fewshot.val_policy": "none", "train.batch_size": 4,
               "train.max_steps": 2, "train.eval_every": 0, "train.checkpoint_every": 2}
     finetune(ft_config(synth_root, tmp_path, **common))
-    _reset_accelerate()
+    reset_accelerate_state()
     other = {"data.root": tmp_path / "six", "data.synthetic_num_landmarks": 6,
              "data.synthetic_num_images": 24}
     with pytest.raises(ConfigError, match="predicts 8 landmarks but this run's data has 6"):

@@ -9,26 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from ddpm_landmarks.cli.main import main as cli_main
 from ddpm_landmarks.config import load_config
 from ddpm_landmarks.pretrain import pretrain
 from ddpm_landmarks.training.checkpoint import list_checkpoints, read_trainer_state
 from ddpm_landmarks.training.config import PretrainConfig
+from ddpm_landmarks.training.engine import reset_accelerate_state
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "pretrain" / "synthetic.yaml"
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    # Accelerate keeps process-wide singletons; each run here builds a new Accelerator.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -71,8 +61,7 @@ def test_cli_pretrain_writes_everything_a_user_needs(tmp_path):
 def test_resume_latest_continues_from_the_checkpoint(tmp_path):
     cfg = load_config(CONFIG, small_overrides(tmp_path, **{"train.max_steps": 2}), cls=PretrainConfig)
     pretrain(cfg)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     cfg = load_config(CONFIG, small_overrides(tmp_path, **{"train.max_steps": 4,
                                                            "train.resume": "latest"}),
                       cls=PretrainConfig)
@@ -140,8 +129,7 @@ def test_accelerate_launch_two_processes_matches_one_process(tmp_path):
 def test_resumed_ddpm_run_equals_uninterrupted_run(tmp_path):
     """Stop at step 2, resume to 4 == straight to 4: weights, EMA and optimiser state."""
     def run(name, steps, resume=""):
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         overrides = small_overrides(tmp_path, **NO_AUGMENT, **{
             "run.name": name, "train.max_steps": steps, "train.resume": resume or '""',
             "train.image_every": 0})

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from ddpm_landmarks.cli.main import main as cli_main
 from ddpm_landmarks.config import DataConfig, load_config
@@ -16,6 +15,7 @@ from ddpm_landmarks.evaluation.probe import LandmarkProbe, fit_linear_head
 from ddpm_landmarks.pretrain import pretrain
 from ddpm_landmarks.training.checkpoint import read_trainer_state
 from ddpm_landmarks.training.config import PretrainConfig, ProbeConfig
+from ddpm_landmarks.training.engine import reset_accelerate_state
 from ddpm_landmarks.training.finetune_config import LossConfig
 from ddpm_landmarks.training.heatmap_losses import heatmap_loss
 
@@ -24,15 +24,6 @@ CONFIG = ROOT / "configs" / "pretrain" / "synthetic.yaml"
 SIMCLR_CONFIG = ROOT / "configs" / "pretrain" / "simclr_synthetic.yaml"
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +52,7 @@ def probe_rows(run: Path) -> list[dict]:
 
 
 def reset_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def test_ddpm_pretraining_logs_the_probe_keeps_the_best_export_and_resumes(data_root, tmp_path):

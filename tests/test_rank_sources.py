@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 
 from ddpm_landmarks.cli.main import main as cli_main
 from ddpm_landmarks.config import load_config, to_dict
@@ -24,6 +23,7 @@ from ddpm_landmarks.evaluation.source_candidates import (Source, anatomy_match,
 from ddpm_landmarks.evaluation.source_ranking import (RankConfig, RankResult, RankRow,
                                                       order_rows, rank_sources)
 from ddpm_landmarks.training.config import PretrainConfig
+from ddpm_landmarks.training.engine import reset_accelerate_state
 from ddpm_landmarks.training.finetune_config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,10 +143,6 @@ def test_validation_matches_cells_to_candidates_and_reports_spearman(tmp_path):
 # End to end on the synthetic set
 # ----------------------------------------------------------------------------------------------
 
-def _reset_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
 
 SYNTH = {"data.synthetic_num_images": 48, "data.synthetic_image_size": 64,
          "data.synthetic_num_landmarks": 8, "data.image_size": 64}
@@ -171,9 +167,9 @@ def pretrained(tmp_path_factory) -> tuple[Path, Path]:
     values = {**SYNTH, "data.root": root, "train.max_steps": 60, "train.batch_size": 16,
               "train.num_workers": 0, "train.checkpoint_every": 0, "train.image_every": 0,
               "train.log_every": 20, "run.output_dir": runs, "run.name": "pre"}
-    _reset_accelerate()
+    reset_accelerate_state()
     pretrain(load_config(PRETRAIN, [f"{k}={v}" for k, v in values.items()], cls=PretrainConfig))
-    _reset_accelerate()
+    reset_accelerate_state()
     return root, runs / "pre" / "export"
 
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import segmentation_models_pytorch as smp
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
@@ -23,24 +22,13 @@ from ddpm_landmarks.models.regressor import (RegressorConfig, build_regressor, l
                                              param_groups, save_regressor)
 from ddpm_landmarks.models.smp_regressor import IMAGENET_MEAN, IMAGENET_STD, Colorizer
 from ddpm_landmarks.training.checkpoint import checkpoint_dir
+from ddpm_landmarks.training.engine import reset_accelerate_state
 from ddpm_landmarks.training.finetune_config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = ROOT / "configs" / "finetune" / "synthetic.yaml"
 BASELINES = ROOT / "configs" / "finetune" / "baselines"
 K = 3
-
-
-def _reset_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    _reset_accelerate()
-    yield
-    _reset_accelerate()
 
 
 def smp_cfg(**kw) -> RegressorConfig:
@@ -289,7 +277,7 @@ def test_colorizer_starts_at_repeat_and_trains_in_the_head_group(imagenet_file, 
     body_ids = {id(p) for n in ("body", "body_no_decay") for p in groups[n]["params"]}
     assert body_ids == {id(p) for p in start.encoder.parameters()}
 
-    _reset_accelerate()
+    reset_accelerate_state()
     finetune(cfg)
     trained = load_file(tmp_path / "col" / "export" / "regressor.safetensors")
     initial = start.state_dict()

@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from ddpm_landmarks.methods import METHODS
@@ -19,15 +18,6 @@ from ddpm_landmarks.training.config import PretrainConfig
 K = 3
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def ssl_export(folder, in_channels: int):

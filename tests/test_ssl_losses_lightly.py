@@ -32,7 +32,6 @@ import torch.nn.functional as F
 lightly_loss = pytest.importorskip("lightly.loss", reason="lightly is in the dev extra")
 NTXentLoss = lightly_loss.NTXentLoss
 
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 from ddpm_landmarks.methods import METHODS  # noqa: E402
 from ddpm_landmarks.methods.moco_v2 import Queue, info_nce_loss  # noqa: E402
@@ -42,16 +41,6 @@ from ddpm_landmarks.training.config import PretrainConfig  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 ATOL = 1e-6
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    """The methods read accelerate's GradientState (a process-wide singleton)."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def randn(*shape: int, seed: int, dtype=torch.float32) -> torch.Tensor:

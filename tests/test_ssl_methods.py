@@ -14,7 +14,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from ddpm_landmarks.cli.main import main as cli_main
 from ddpm_landmarks.config import ConfigError, load_config
@@ -27,6 +26,7 @@ from ddpm_landmarks.methods.ssl_base import cosine_momentum, load_ssl_encoder
 from ddpm_landmarks.training.checkpoint import list_checkpoints, read_trainer_state
 from ddpm_landmarks.training.config import (PretrainConfig, SSLConfig, ViewConfig,
                                             resolve_ssl_config)
+from ddpm_landmarks.training.engine import reset_accelerate_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "accelerate_scripts"
@@ -35,15 +35,6 @@ from ssl_two_procs import (DIM, TEMPERATURE, ToyViews, fixed_inputs,  # noqa: E4
                            simclr_method, tiny_model)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def small_cfg(method: str, **ssl) -> PretrainConfig:
@@ -164,8 +155,7 @@ def _train_toy(method: str, run_dir: Path, steps: int, grad_accum: int = 1, resu
                max_steps: int | None = None):
     from ddpm_landmarks.training.config import OptimConfig, TrainConfig
     from ddpm_landmarks.training.engine import Trainer
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     cfg = small_cfg(method, hidden_dim=32)
     cfg.train = TrainConfig(max_steps=steps, batch_size=2, grad_accum=grad_accum, ema=False,
                             checkpoint_every=2, num_workers=0, log_every=1, image_every=0,
@@ -334,8 +324,7 @@ def test_cli_simclr_end_to_end_and_resume(tmp_path):
     assert meta["method"] == "simclr" and meta["encoder"] == "resnet18"
     assert [p.name for p in list_checkpoints(run)] == ["step_00000002", "step_00000003"]
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     args = _cli_overrides(tmp_path, **{"train.max_steps": 5, "train.resume": "latest"})
     assert cli_main(["pretrain", str(config), *args]) == 0
     assert read_trainer_state(run / "checkpoints" / "step_00000005")["step"] == 5

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
 from ddpm_landmarks.training.config import LoggerConfig
+from ddpm_landmarks.training.engine import reset_accelerate_state
 from ddpm_landmarks.training.trackers import (flatten_config, log_image_grids,
                                               resolve_wandb_mode, tracker_setup)
 
@@ -25,8 +25,7 @@ def isolated(monkeypatch, tmp_path):
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def grids():

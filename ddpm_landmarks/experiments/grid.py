@@ -123,16 +123,9 @@ def _run_process(argv: list[str], log_path: Path) -> None:
         raise JobFailed(f"{_error_of_log(tail)} (exit status {rc}; log: {log_path})")
 
 
-def _reset_accelerate() -> None:
-    """Accelerate keeps process-wide singletons; a fresh job in this process needs fresh ones
-    (as a new process would have), e.g. another mixed-precision setting."""
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def _inline(fn: Callable[[], object]) -> None:
-    _reset_accelerate()
+    from ddpm_landmarks.training.engine import reset_accelerate_state
+    reset_accelerate_state()
     try:
         fn()
     except Exception as err:           # noqa: BLE001 - a cell's failure is recorded, not fatal

@@ -92,6 +92,15 @@ class _WorkerSeeder:
         torch.manual_seed(s)
 
 
+def reset_accelerate_state() -> None:
+    """Accelerate keeps process-wide singletons (AcceleratorState, GradientState); a fresh job
+    in the same process (a grid's inline cell, a test) needs fresh ones, as a new process would
+    have, e.g. for another mixed-precision setting."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def config_hash(config_dict: dict) -> str:
     """Short hash of the run config, ignoring train.resume (it changes on every resume)."""
     data = dict(config_dict)
