@@ -42,8 +42,9 @@ class DataConfig:
     resize_mode: Literal["stretch", "letterbox"] = "stretch"  # stretch = the paper
     num_landmarks: Optional[int] = None  # None = the dataset's own count; else checked
     on_bad_sample: Literal["error", "skip"] = "error"  # skip = count and log, never silent
-    # Digital Hand Atlas: the two landmarks whose distance is 50 mm (0-based indices).
-    wrist_landmarks: tuple[int, int] = (0, 4)
+    # Digital Hand Atlas: the two landmarks whose distance is 50 mm (0-based indices; Payer's
+    # normalization_indizes=[1, 5], which his .mha ElementSpacing follows).
+    wrist_landmarks: tuple[int, int] = (1, 5)
     # Chest (GU2Net labels): errors are reported in pixels of this (width, height) grid.
     reference_size: tuple[int, int] = (512, 512)
     # Synthetic data: generated into root (or the cache folder) on first use.

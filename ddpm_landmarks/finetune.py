@@ -31,6 +31,7 @@ from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
 from ddpm_landmarks.data.registry import build_dataset
 from ddpm_landmarks.data.sample import DataError
 from ddpm_landmarks.data.splits import make_fewshot_split, save_split
+from ddpm_landmarks.evaluation.decoders import never_abstain
 from ddpm_landmarks.evaluation.evaluate import GroundTruth, evaluate_predictions
 from ddpm_landmarks.evaluation.inference import HeatmapPredictor, predict_dataset
 from ddpm_landmarks.methods.heatmap_regression import HeatmapRegressionMethod
@@ -60,9 +61,10 @@ class RepeatedDataset(Dataset):
 
 def make_validator(val_data: HeatmapDataset, cfg: FinetuneConfig):
     """validate(model) -> {"val/mre", "val/sd", "val/sdr@t"..., "val/missed"} in the dataset's
-    unit. Decoded with min_peak 0, so every landmark gets a position: a model cannot improve its
-    validation MRE by abstaining on hard landmarks."""
-    decoder = type(cfg.decoder)(**{**vars(cfg.decoder), "min_peak": 0.0})
+    unit. Decoded without abstaining (decoders.never_abstain: every channel with location
+    information gets a position, whatever its peak), so a model cannot improve its validation
+    MRE by abstaining on hard landmarks; val/missed counts the rest (all-NaN or constant)."""
+    decoder = never_abstain(cfg.decoder)
     truths = [GroundTruth.of(s) for s in val_data.dataset]
 
     def validate(model) -> dict:
@@ -101,14 +103,10 @@ def check_checkpoint_landmarks(ckpt: Path, num_landmarks: int) -> None:
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run (or resume) one fine-tuning job; returns the engine's summary."""
-    # ------------------------------------------------------------------ run folder
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     main = rank == 0
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    setup_logging(run_dir if main else None)
+    setup_logging(None)
 
     # ------------------------------------------------------------------ data
     dataset = build_dataset(cfg.data)
@@ -117,9 +115,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
         split = make_fewshot_split(pool.ids, cfg.fewshot)
     except ValueError as err:
         raise ConfigError(f"fewshot: {err}") from None
-    if main:
-        save_split(split, run_dir)
-    log.info("few-shot split: %s", split.policy)
     train_data = HeatmapDataset(pool.subset(split.train_ids), cfg.data, cfg.augment, cfg.heatmap,
                                 train=True, seed=cfg.train.seed + 7919 * rank)
     per_step = cfg.train.batch_size * world
@@ -145,6 +140,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
     ckpt = resolve_resume(run_dir, cfg.train.resume)
     if ckpt is not None:
         check_checkpoint_landmarks(ckpt, dataset.num_landmarks)
+
+    # ------------------------------------------------------------------ run folder
+    # Only now, with data, split and model checked: a refused run leaves the folder untouched.
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        save_split(split, run_dir)
+    setup_logging(run_dir if main else None)
+    log.info("few-shot split: %s", split.policy)
 
     # ------------------------------------------------------------------ train
     config_dict = to_dict(cfg)

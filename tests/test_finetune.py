@@ -3,6 +3,7 @@ loss / timestep / freezing option trains, resume, landmark-count errors, flip TT
 ISBI x-rays the fine-tuned model beats the mean-shape predictor."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -301,3 +302,62 @@ def test_accelerate_launch_two_processes_matches_one_process(synth_root, tmp_pat
     w_one = load_file(tmp_path / "one" / "export" / "regressor.safetensors")
     assert max((w_two[k] - w_one[k]).abs().max().item() for k in w_one) < 1e-5
     assert (tmp_path / "two" / "best" / "regressor.json").is_file()
+
+
+def test_validation_never_abstains_on_a_negative_peak_channel(synth_root, tmp_path):
+    """make_validator decodes without abstaining: a channel whose maximum is negative still
+    counts in val/mre (val/missed 0), even under a config whose decoder.min_peak is 0.05."""
+    from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
+    from ddpm_landmarks.data.heatmaps import make_targets
+    from ddpm_landmarks.data.registry import build_dataset
+    from ddpm_landmarks.finetune import make_validator
+    cfg = ft_config(synth_root, tmp_path, **{"decoder.min_peak": 0.05})
+    pool = build_dataset(cfg.data).split("train")
+    val = HeatmapDataset(pool.subset(pool.ids[:4]), cfg.data, cfg.augment, cfg.heatmap,
+                         train=False)
+
+    class Oracle(torch.nn.Module):
+        """Gaussians at each image's true model-grid points; landmark 0 shifted below zero."""
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(()))
+            self.maps = torch.stack([torch.from_numpy(make_targets(
+                val[i]["landmarks"].numpy().astype(np.float64), (64, 64), cfg.heatmap)[0])
+                for i in range(len(val))])
+            self.maps[:, 0] -= 2.0                         # peak ~ -1
+            self.calls = 0
+
+        def forward(self, images):
+            out = self.maps[self.calls:self.calls + len(images)]
+            self.calls += len(images)
+            return out + 0 * self.dummy
+
+    values = make_validator(val, cfg)(Oracle())
+    assert values["val/missed"] == 0
+    assert values["val/mre"] < 0.1                          # every point, channel 0 included
+    # The old rule (min_peak 0) would have dropped channel 0 of every image.
+    from ddpm_landmarks.evaluation.decoders import decode
+    points, _ = decode(Oracle().maps, dataclasses.replace(cfg.decoder, min_peak=0.0))
+    assert np.isnan(points[:, 0]).all() and np.isfinite(points[:, 1:]).all()
+
+
+def test_documented_scratch_commands(synth_root, tmp_path, capsys):
+    """configs/finetune/isbi2015.yaml's scratch baselines, on the synthetic set: with a
+    pretrained_path that is no export, init=scratch is an error that says what to do, before
+    anything is written; with model.pretrained_path= it builds model.preset and trains."""
+    base = ["finetune", str(ROOT / "configs/finetune/isbi2015.yaml"), "data.dataset=synthetic",
+            f"data.root={synth_root}", "data.image_size=64", "data.synthetic_num_images=120",
+            "data.synthetic_image_size=128", "data.synthetic_num_landmarks=8",
+            "eval.sdr_thresholds=null", "train.max_steps=2", "train.eval_every=0",
+            "train.early_stopping_patience=0", "train.num_workers=0", "train.batch_size=4",
+            "train.mixed_precision=no", "logger.kind=none", f"run.output_dir={tmp_path}",
+            "model.init=scratch", "model.preset=small"]
+    assert cli_main(base + ["run.name=missing"]) == 2
+    err = capsys.readouterr().err
+    assert "runs/pretrain_isbi2015/export' is not one" in err and "model.pretrained_path=''" in err
+    assert not (tmp_path / "missing").exists()               # nothing written before the check
+    reset_accelerate_state()
+    assert cli_main(base + ["model.pretrained_path=", "run.name=ok"]) == 0
+    weights = load_file(tmp_path / "ok" / "export" / "regressor.safetensors")
+    # The small preset: four levels of 32/64/128/128 channels.
+    assert weights["unet.down_blocks.3.resnets.0.conv1.weight"].shape[0] == 128

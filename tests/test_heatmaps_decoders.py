@@ -169,3 +169,64 @@ def test_decode_accepts_torch_and_rejects_unknown_name():
     np.testing.assert_allclose(pts[0, 0], [12.25, 9.75], atol=1e-3)
     with pytest.raises(ValueError, match="unknown decoder"):
         decode(maps, DecoderConfig(name="nope"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_never_abstain_decodes_negative_peaks(name):
+    """NEVER_ABSTAIN: a channel whose maximum is negative still gets its position; only the
+    channels without location information (all NaN, constant) stay missing."""
+    from ddpm_landmarks.evaluation.decoders import NEVER_ABSTAIN, never_abstain
+    blob = gaussian_heatmaps(np.array([[20.0, 30.0]]), (H, W), 2.0)[0]
+    channels = np.stack([blob - 2.0,                    # max -1 at (20, 30)
+                         np.full((H, W), np.nan), np.full((H, W), -3.0)])
+    cfg = never_abstain(DecoderConfig(name=name))
+    assert cfg.min_peak == NEVER_ABSTAIN
+    pts, conf = DECODERS[name](channels, cfg)
+    np.testing.assert_allclose(pts[0], [20.0, 30.0], atol=0.5)
+    assert conf[0] == pytest.approx(-1.0)
+    assert np.isnan(pts[1:]).all()
+    # With min_peak 0 the same channel is a miss: "0" is not "never abstain".
+    assert np.isnan(DECODERS[name](channels, DecoderConfig(name=name, min_peak=0.0))[0][0]).all()
+
+
+def released_extract_landmarks(heatmaps: np.ndarray) -> np.ndarray:
+    """The released code's `extract_landmarks` (downstream_task/utilities.py), without its
+    final division by the grid size: pixel-centre (x, y) of each raw channel's largest blob
+    at >= 0.5 x max; (0, 0) when there is none."""
+    import cv2
+    out = np.zeros((len(heatmaps), 2))
+    for i, channel in enumerate(heatmaps):
+        binary = np.where(channel < 0.5 * channel.max(), 0, 1).astype(np.uint8)
+        contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        if contours:
+            m = cv2.moments(max(contours, key=cv2.contourArea))
+            if m["m00"] != 0:
+                out[i] = m["m10"] / m["m00"], m["m01"] / m["m00"]
+    return out
+
+
+def test_channel_ce_contour_is_the_released_rule_on_an_asymmetric_blob():
+    """channel_ce logits: our outputs -> heatmaps -> contour equals the released code's
+    extract_landmarks on the raw logits. A min-max rescale (cut at (min + max) / 2) moves the
+    centroid of this asymmetric blob by more than half a grid pixel."""
+    torch = pytest.importorskip("torch")
+    from ddpm_landmarks.evaluation.inference import outputs_to_heatmaps
+    yy, xx = np.mgrid[:H, :W].astype(np.float64)
+    # A skewed blob: narrow to the left of x = 20, wide to the right, on a negative background.
+    sx = np.where(xx < 20, 2.0, 7.0)
+    logits = 6.0 * np.exp(-0.5 * (((xx - 20) / sx) ** 2 + ((yy - 30) / 3.0) ** 2)) - 4.0
+    second = 3.0 * np.exp(-0.5 * (((xx - 45) / 4.0) ** 2 + ((yy - 12) / 2.0) ** 2)) - 1.0
+    raw = np.stack([logits, second])
+    released = released_extract_landmarks(raw)
+    maps = outputs_to_heatmaps(torch.from_numpy(raw)[None].float(), "channel_ce")[0]
+    ours, conf = DECODERS["contour"](maps, DecoderConfig(name="contour", contour_threshold=0.5))
+    np.testing.assert_allclose(ours, released, atol=1e-4)
+    np.testing.assert_allclose(conf, 1.0, atol=1e-6)
+    lo, hi = raw.min(axis=(1, 2), keepdims=True), raw.max(axis=(1, 2), keepdims=True)
+    min_max, _ = DECODERS["contour"]((raw - lo) / (hi - lo), DecoderConfig(name="contour"))
+    assert np.linalg.norm(min_max[0] - released[0]) > 0.5
+    # Every decoder is unchanged by the positive per-channel scale.
+    for name in ("argmax", "parabola", "soft_argmax"):
+        a, _ = DECODERS[name](maps.numpy(), DecoderConfig(name=name, min_peak=-np.inf))
+        b, _ = DECODERS[name](raw, DecoderConfig(name=name, min_peak=-np.inf))
+        np.testing.assert_allclose(a, b, atol=1e-4)

@@ -81,6 +81,10 @@ def copy_images(dataset, folder: Path, indices=None) -> list[str]:
     return names
 
 
+# Float32 inference in other batch compositions agrees to this many pixels, not to the last bit.
+POINT_ATOL = 1e-4
+
+
 # ----------------------------------------------------------------------------------------------
 # predict == evaluate on the same files
 # ----------------------------------------------------------------------------------------------
@@ -115,11 +119,14 @@ def test_predict_equals_evaluate_on_synthetic_test_split(synthetic_run, syntheti
         theirs = np.array([[float(r["x_pred"]) if r["x_pred"] else np.nan,
                             float(r["y_pred"]) if r["y_pred"] else np.nan] for r in ev_rows])
         np.testing.assert_array_equal(np.isnan(mine), np.isnan(theirs))
-        np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-6, equal_nan=True)
-        np.testing.assert_allclose(mine, summary["predictions"][i], rtol=0, atol=1e-6,
+        # predict runs batches of 3, evaluate of eval.batch_size: float32 convolutions over
+        # other batch compositions differ in the last bits (~1e-6 px seen), so the promise is
+        # agreement to POINT_ATOL px, far below anything visible in mm.
+        np.testing.assert_allclose(mine, theirs, rtol=0, atol=POINT_ATOL, equal_nan=True)
+        np.testing.assert_allclose(mine, summary["predictions"][i], rtol=0, atol=POINT_ATOL,
                                    equal_nan=True)
         np.testing.assert_allclose([float(r["confidence"]) for r in rows],
-                                   [float(r["confidence"]) for r in ev_rows], rtol=1e-6)
+                                   [float(r["confidence"]) for r in ev_rows], rtol=1e-4)
         found += int(np.isfinite(mine).all(axis=1).sum())
     # A trained model: (nearly) every landmark has a peak, so the comparison is not NaN == NaN.
     assert found >= 0.9 * len(synthetic_test) * NUM_LANDMARKS
@@ -172,7 +179,9 @@ def test_isbi_predictions_rescored_equal_evaluate(shared_data, tmp_path, torch_o
     errors = radial_errors(np.stack(pred), np.stack(gt), np.array(spacing))
     ev_errors = np.stack(ev_errors)
     np.testing.assert_array_equal(np.isinf(errors), np.isinf(ev_errors))
-    np.testing.assert_allclose(errors, ev_errors, rtol=1e-6, atol=0)
+    # Same model and images, other batch compositions (see POINT_ATOL): 1e-4 model-grid px is
+    # 1e-4 * 2400 / 64 * 0.1 mm < 4e-4 mm.
+    np.testing.assert_allclose(errors, ev_errors, rtol=0, atol=1e-3)
     assert np.isfinite(errors).sum() > 0.5 * errors.size
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -172,7 +173,12 @@ def test_hand(shared_data):
     for r in ds.records:
         m = rows[r.id + ".png"]
         assert r.spacing_mm[0] == r.spacing_mm[1]
-        assert abs(r.spacing_mm[0] - float(m["mm_per_orig_px_wrist50"])) < 1e-4
+        # The wrist rule (landmarks 1 and 5, 0-based) against the manifest column (5 decimals
+        # printed, so 1e-4 relative) and against the ElementSpacing of Payer's .mha file.
+        column = float(m["mm_per_orig_px_wrist50"])
+        assert abs(r.spacing_mm[0] - column) / column < 1e-4, (r.id, r.spacing_mm, column)
+        element = float(re.search(r"ElementSpacing=([0-9.]+)", m["note"]).group(1))
+        assert abs(r.spacing_mm[0] - element) / element < 1e-4, (r.id, r.spacing_mm, element)
         assert r.original_size == (int(m["orig_w"]), int(m["orig_h"]))
         assert np.array_equal(r.landmarks, exact[r.id + ".png"])
     assert sorted(ds.split("cv1_test").ids) == ["3231", "7081", "7088", "7232"]
@@ -344,7 +350,9 @@ def test_hand_small_fixture(tmp_path):
     ds = read_hand_dha(tmp_path)
     assert ds.ids == ["11", "12"] and ds.absent_ids == ["13"] and ds.splits == [""]
     p = ds.records[0].landmarks
-    assert np.isclose(ds.records[0].spacing_mm[0], 50 / np.hypot(*(p[0] - p[4])))
+    assert np.isclose(ds.records[0].spacing_mm[0], 50 / np.hypot(*(p[1] - p[5])))
+    assert np.isclose(read_hand_dha(tmp_path, wrist_landmarks=(0, 4)).records[0].spacing_mm[0],
+                      50 / np.hypot(*(p[0] - p[4])))            # the pair stays configurable
     edit_line(tmp_path / "all.csv", 2, rows[1].rsplit(",", 1)[0])          # 74 fields
     with pytest.raises(DataError, match="all.csv line 2: expected id \\+ 74 coordinates"):
         read_hand_dha(tmp_path)

@@ -8,6 +8,11 @@ A channel with no usable peak - all NaN, constant (e.g. all zero), peak < cfg.mi
 contour for `contour` - is MISSING: coordinates NaN and confidence 0. Never (0, 0): the original
 code left such landmarks at the image corner, which silently poisons MRE.
 
+min_peak = NEVER_ABSTAIN (-inf; `never_abstain(cfg)`) turns abstaining off: every channel with a
+finite, non-constant maximum gets a position, whatever the sign of its peak (validation and the
+pretraining probe decode so: a model cannot improve its MRE by abstaining on hard landmarks).
+Only channels without location information (all NaN or constant) stay missing.
+
 Decoders:
 - argmax:      the integer pixel of the maximum (error up to 0.5 px per axis by construction).
 - parabola:    argmax + a 1-D parabola through the peak and its two neighbours, separately in x
@@ -22,15 +27,20 @@ Decoders:
                centroid towards its own centre (bias < 0.02 px at sigma 3, w 5, versus ~0.1 px
                with the minimum). Within ~1.5 px of the image edge it degrades (half the blob
                is cut off); parabola does not.
-- contour:     the original code: threshold at contour_threshold x peak, cv2.findContours
-               (external), take the contour of largest area, return its polygon-moment centroid.
-               The polygon joins boundary pixel centres, so the result is quantised (errors up
-               to ~0.3 px on a Gaussian at a random float position); kept for comparison. A
-               degenerate largest contour (a single pixel or a 1-px line, zero area) falls back
-               to the mean of its points instead of being dropped.
+- contour:     the released code's `extract_landmarks` (downstream_task/utilities.py): binarise
+               at value >= contour_threshold x peak (0.5 x the channel's maximum there),
+               cv2.findContours (external), take the contour of largest area, return its
+               polygon-moment centroid. The polygon joins boundary pixel centres, so the result
+               is quantised (errors up to ~0.3 px on a Gaussian at a random float position);
+               kept for comparison. A degenerate largest contour (a single pixel or a 1-px line,
+               zero area) falls back to the mean of its points instead of being dropped. A peak
+               <= 0 gives no blob under this rule (the released code then returns (0, 0)): the
+               channel is missing, or, with NEVER_ABSTAIN, at its argmax pixel.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Callable, Optional
 
 import cv2
@@ -43,6 +53,14 @@ Decoder = Callable[..., tuple[np.ndarray, np.ndarray]]
 # Parabola on logs: values are clipped to this fraction of the peak before the log, so a zero
 # (or negative) neighbour gives a large but finite curvature instead of -inf.
 LOG_FLOOR = 1e-12
+
+# min_peak that never reports a channel missing for its peak value (see the module doc).
+NEVER_ABSTAIN = -math.inf
+
+
+def never_abstain(cfg: DecoderConfig) -> DecoderConfig:
+    """`cfg` with abstaining off: every informative channel gets a position."""
+    return dataclasses.replace(cfg, min_peak=NEVER_ABSTAIN)
 
 
 def _to_numpy(heatmaps) -> np.ndarray:
@@ -168,6 +186,10 @@ def _contour(flat: np.ndarray, cfg: DecoderConfig):
             points[i] = moments["m10"] / moments["m00"], moments["m01"] / moments["m00"]
         else:
             points[i] = largest.reshape(-1, 2).astype(np.float64).mean(axis=0)
+    if cfg.min_peak == NEVER_ABSTAIN:
+        # No blob (peak <= 0): the argmax pixel rather than a missing point.
+        no_blob = ok & ~np.isfinite(points).all(axis=1)
+        points[no_blob] = np.stack([ix[no_blob], iy[no_blob]], axis=1)
     ok = ok & np.isfinite(points).all(axis=1)
     return _finish(points, peak, ok)
 

@@ -15,11 +15,16 @@ confidence read that scale):
   softmax_ce: the spatial softmax times the number of pixels of the training target's class
               region (target > threshold): a prediction spread evenly over that region, which
               is what the loss asks for, has peak 1.
-  channel_ce: the logits rescaled per channel to [0, 1] (min -> 0, max -> 1). The loss only
-              constrains pixels inside a target disc (a softmax over channels, no background
-              class), so there is no calibrated per-pixel probability; the released code
-              decodes the raw logits with the contour decoder at half the maximum, which is
-              unchanged by this rescaling. Confidence is therefore always 1.
+  channel_ce: the logits divided by the channel's maximum where it is positive (peak -> 1),
+              unchanged where it is not. The loss only constrains pixels inside a target disc
+              (a softmax over channels, no background class), so there is no calibrated
+              per-pixel probability. The released code decodes the raw logits with the contour
+              decoder at 0.5 x the channel's maximum (downstream_task/utilities.py,
+              extract_landmarks); a positive scale leaves that blob, and every other decoder's
+              result, unchanged (a min-max rescale would not: it cuts at (min + max) / 2, which
+              moves the centroid of an asymmetric blob). Confidence is therefore 1 wherever
+              the maximum is positive; a channel whose maximum is <= 0 has no blob under the
+              released rule.
 
 Flip test-time augmentation runs the model on the mirrored image too, mirrors its heatmaps back,
 gives each landmark the channel of its mirror-partner (dataset.flip_permutation) and averages.
@@ -58,9 +63,8 @@ def outputs_to_heatmaps(outputs: torch.Tensor, loss_name: str, region_size: int 
         p = torch.softmax(outputs.flatten(2), dim=-1).reshape(b, k, h, w)
         return p * float(region_size)
     if loss_name == "channel_ce":
-        lo = outputs.amin(dim=(-2, -1), keepdim=True)
         hi = outputs.amax(dim=(-2, -1), keepdim=True)
-        return (outputs - lo) / (hi - lo).clamp(min=1e-12)
+        return torch.where(hi > 0, outputs / hi.clamp(min=1e-30), outputs)
     raise ValueError(f"unknown loss {loss_name!r}; valid: mse, bce, softmax_ce, channel_ce")
 
 

@@ -21,8 +21,8 @@ grid without augmentation, with Gaussian targets of `probe.sigma`. Each call:
      area-averaged to it) plus `probe.ridge` x |W|^2. No learning rate, step count or init to
      tune, and no optimisation noise between two probes: only the features change;
   3. the val images go through the evaluation path (inference.HeatmapPredictor, predict_dataset:
-     the head's output upsampled bilinearly to the model grid, parabola decoding with min_peak
-     0, each point mapped back to ORIGINAL pixels by its image's inverse transform;
+     the head's output upsampled bilinearly to the model grid, parabola decoding without
+     abstaining (decoders.NEVER_ABSTAIN; probe/missed counts channels with no location), each point mapped back to ORIGINAL pixels by its image's inverse transform;
      evaluate.evaluate_predictions): errors in the dataset's unit (mm for ISBI and synthetic).
 The same model gives the same values; the global random state is left as it was.
 
@@ -49,6 +49,7 @@ from ddpm_landmarks.config import (AugmentConfig, ConfigError, DataConfig, Decod
 from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
 from ddpm_landmarks.data.registry import build_dataset
 from ddpm_landmarks.data.splits import make_fewshot_split
+from ddpm_landmarks.evaluation.decoders import NEVER_ABSTAIN
 from ddpm_landmarks.evaluation.evaluate import GroundTruth, evaluate_predictions
 from ddpm_landmarks.evaluation.inference import HeatmapPredictor, predict_dataset
 from ddpm_landmarks.training.config import ProbeConfig
@@ -218,7 +219,7 @@ class LandmarkProbe:
         self.num_landmarks = pool.num_landmarks
         self.grid = (data.image_size, data.image_size)
         self.loss_cfg = LossConfig(name="mse", foreground_weight=cfg.foreground_weight)
-        self.decoder = DecoderConfig(name="parabola", min_peak=0.0)   # no abstaining
+        self.decoder = DecoderConfig(name="parabola", min_peak=NEVER_ABSTAIN)
         self.eval_cfg = EvalConfig(sdr_thresholds=cfg.sdr_thresholds, flip_tta=False,
                                    batch_size=cfg.batch_size)
 
@@ -266,7 +267,7 @@ class LandmarkProbe:
         assert indices == list(range(len(self.truths)))
         summary = evaluate_predictions(self.val_dataset, self.truths, points, self.eval_cfg)
         values = {"probe/mre": summary["mre"], "probe/sd": summary["sd"],
-                  "probe/median": summary["median"]}
+                  "probe/median": summary["median"], "probe/missed": summary["missed"]}
         values.update({f"probe/sdr@{t:g}": v for t, v in summary["sdr"].items()})
         values["probe/train_loss"] = float(loss)
         values["probe/seconds"] = time.perf_counter() - t0

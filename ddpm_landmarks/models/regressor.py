@@ -237,6 +237,18 @@ def _check_export(path: Path) -> None:
                                 f"export/ folder){hint}")
 
 
+def _check_scratch_architecture(path: Path, preset: str) -> None:
+    """init=scratch reads no weights: pretrained_path only names a DDPM export whose
+    architecture to copy (the fair scratch baseline of that pretraining). Anything else there
+    is an error that says how to build the preset instead."""
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"init=scratch copies the architecture of model.pretrained_path when it is a DDPM "
+            f"export, but {str(path)!r} is not one (no {path / 'config.json'}). For a scratch "
+            f"model of model.preset={preset!r} set model.pretrained_path='' (no weights are read "
+            f"for init=scratch), or pretrain first to copy that run's architecture")
+
+
 def _levels_factor(unet_config: Any) -> int:
     return 2 ** (len(unet_config["block_out_channels"]) - 1)
 
@@ -280,7 +292,7 @@ def build_ddpm_regressor(cfg: RegressorConfig, num_landmarks: int,
         unet = UNet2DModel.from_pretrained(path)
     elif cfg.init == "scratch":
         if path is not None:
-            _check_export(path)
+            _check_scratch_architecture(path, cfg.preset)
             config = dict(UNet2DModel.load_config(path))
             config["sample_size"] = image_size
             unet = UNet2DModel.from_config(config)
