@@ -6,143 +6,105 @@ One process:
 Several processes / GPUs / nodes (same flags, same config):
     accelerate launch -m ddpm_landmarks.pretrain --config configs/pretrain/isbi2015.yaml train.resume=latest
 
-`method` (config key) picks the method from methods.METHODS: ddpm, simclr, moco_v2, moco_v3.
-The run folder (run.output_dir/run.name) receives config.yaml, pretrain_images.txt (every image
-trained on, for leakage audits), checkpoints/step_*/ (resumable), images/ (sample grids, or
-the SSL views), the W&B / TensorBoard logs and, at the end, export/: for ddpm the EMA U-Net
-(`UNet2DModel.from_pretrained`) with its scheduler and the resolved config; for the SSL
-methods the encoder (encoder.safetensors + encoder.json, see methods.ssl_base). Fine-tuning
-loads either. With probe.every = M > 0 a few-shot landmark probe of the frozen features
-(evaluation/probe.py) runs every M steps: probe/* in metrics.jsonl and the trackers, and best/
-holds the export at the best probe MRE. With curriculum.stages the pools, augmentation strength
-and resolution change at configured steps (data/curriculum.py; the stage is logged as
-train/stage, the images of each stage listed in pretrain_images_stage<i>.txt).
+`method` (config key) picks the method from methods.registry.PRETRAINING_METHODS: ddpm, simclr,
+moco_v2, moco_v3. The run folder (run.output_dir/run.name) receives config.yaml,
+pretrain_images.txt (every image trained on, for leakage audits), checkpoints/step_*/
+(resumable), images/ (sample grids, or the SSL views), the W&B / TensorBoard logs and, at the
+end, export/: for ddpm the EMA U-Net (`UNet2DModel.from_pretrained`) with its scheduler and the
+resolved config; for the SSL methods the encoder (encoder.safetensors + encoder.json, see
+models/artifacts.py). Fine-tuning loads either. With probe.every = M > 0 a few-shot landmark
+probe of the frozen features (training/probe.py) runs every M steps: probe/* in metrics.jsonl
+and the trackers, and best/ holds the export at the best probe MRE. With curriculum.stages the
+pools, augmentation strength and resolution change at configured steps (data/curriculum.py;
+the stage is logged as train/stage, the images of each stage listed in
+pretrain_images_stage<i>.txt).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import os
 import sys
-from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 from accelerate.utils import set_seed
 
-from ddpm_landmarks.config import ConfigError, load_config, save_config, to_dict
-from ddpm_landmarks.data.curriculum import CurriculumImages, CurriculumSampler
-from ddpm_landmarks.data.pretrain_data import build_pretrain_dataset, pool_weighted_subset
-from ddpm_landmarks.data.sample import DataError
-from ddpm_landmarks.methods import METHODS, SSL_METHODS
-from ddpm_landmarks.training.config import PretrainConfig, TrainConfig, resolve_ssl_config
-from ddpm_landmarks.training.engine import Trainer
-from ddpm_landmarks.training.trackers import flatten_config, log_image_grids, tracker_setup
-from ddpm_landmarks.utils.runs import setup_logging
+from ddpm_landmarks.config.pretrain import PretrainConfig, resolve_ssl_config
+from ddpm_landmarks.config.training import TrainConfig
+from ddpm_landmarks.data.pretrain_sets import pretraining_data
+from ddpm_landmarks.errors import ConfigError, DataError
+from ddpm_landmarks.methods.registry import PRETRAINING_METHODS, SSL_METHODS
+from ddpm_landmarks.models.encoder_weights import smp_encoder_channels
+from ddpm_landmarks.models.unet import build_unet
+from ddpm_landmarks.training.launch import Launch, make_trainer, script_main
+from ddpm_landmarks.training.probe import LandmarkProbe
 
 log = logging.getLogger(__name__)
 
-
-def _is_main_process() -> bool:
-    # Before the Accelerator exists: `accelerate launch` / torchrun export RANK.
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _resolve_method(cfg: PretrainConfig, method_name: Optional[str]) -> PretrainConfig:
-    """cfg with `method` set (method_name overrides cfg.method) and, for an SSL method, the
-    method's defaults filled into cfg.ssl, so that config.yaml records what the run used."""
-    name = method_name or cfg.method
-    if name not in METHODS:
-        raise ConfigError(f"method: unknown method {name!r}; valid: {', '.join(METHODS)}")
-    cfg = dataclasses.replace(cfg, method=name)
-    if name in SSL_METHODS:
-        from ddpm_landmarks.methods.ssl_base import encoder_out_channels
-        try:
-            channels = encoder_out_channels(cfg.ssl.encoder, cfg.ssl.in_channels)
-        except (KeyError, ValueError) as err:
-            raise ConfigError(f"ssl.encoder={cfg.ssl.encoder!r} (in_channels "
-                              f"{cfg.ssl.in_channels}): {err}") from None
-        cfg = dataclasses.replace(cfg, ssl=resolve_ssl_config(name, cfg.ssl, channels))
-    return cfg
+PROBE_MONITOR = "probe/mre"
 
 
 def pretrain(cfg: PretrainConfig, method_name: Optional[str] = None) -> dict:
     """Run (or resume) one pretraining job; returns the engine's summary.
 
     method_name: overrides cfg.method (default: cfg.method, "ddpm" unless configured)."""
-    cfg = _resolve_method(cfg, method_name)
-    method_name = cfg.method
+    cfg = resolve_method(cfg, method_name)
     check_probe_config(cfg)
-    # ------------------------------------------------------------------ run folder
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    main = _is_main_process()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    setup_logging(run_dir if main else None)
+    check_stage_resolutions(cfg)
+    launch = Launch.from_env(cfg)
 
     # ------------------------------------------------------------------ data
-    # Every process builds the same image list (pools are sorted; exclusions are exact); only
-    # the main process writes the audit files.
-    # SSL methods: the same pools, as two augmented views per image (data.ssl_views).
-    views = cfg.ssl.views if method_name in SSL_METHODS else None
-    images = build_pretrain_dataset(cfg, run_dir if main else None,
-                                    seed=cfg.train.seed + int(os.environ.get("RANK", "0")),
-                                    views=views)
-    sampler, num_images = None, len(images)
-    if isinstance(images, CurriculumImages):
-        # Stages of pools / augmentation / resolution: the sampler gives each item the stage of
-        # the optimiser step it trains in, the same on every process (data/curriculum.py).
-        dataset, num_images = images, images.smallest_stage
-        sampler = CurriculumSampler(images.curriculum, len(images), seed=cfg.train.seed)
-    elif len({p.weight for p in images.pools.pools}) > 1:
-        # Unequal pool weights: an epoch is a weighted subset of the pools (uniformly shuffled
-        # by the engine); equal weights mean every image once per epoch.
-        dataset = pool_weighted_subset(images, seed=cfg.train.seed)
-    else:
-        dataset = images
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if len(dataset) < cfg.train.batch_size * world:
-        raise DataError(f"{len(dataset)} pretraining images cannot fill one batch of "
-                        f"train.batch_size={cfg.train.batch_size} on {world} process(es)")
+    # Every process builds the same image list (pools are sorted; exclusions are exact).
+    # SSL methods: the same pools, as two augmented views per image (data/ssl_views.py).
+    views = cfg.ssl.views if cfg.method in SSL_METHODS else None
+    data = pretraining_data(cfg, seed=cfg.train.seed + launch.rank, views=views)
+    if len(data.dataset) < cfg.train.batch_size * launch.world_size:
+        raise DataError(f"{len(data.dataset)} pretraining images cannot fill one batch of "
+                        f"train.batch_size={cfg.train.batch_size} on {launch.world_size} "
+                        f"process(es)")
 
     # ------------------------------------------------------------------ method
     # Same seed on every process: identical initial weights (DDP would broadcast rank 0's
     # anyway) and a run that reproduces from its config.
     set_seed(cfg.train.seed)
     try:
-        method = METHODS[method_name](cfg)
+        method = PRETRAINING_METHODS[cfg.method](cfg)
     except ValueError as err:          # unknown preset, resolution the U-Net cannot take,
         # a MoCo queue that is not a multiple of the global batch, ...
         raise ConfigError(str(err)) from None
-    if hasattr(method, "check_data"):
-        method.check_data(num_images)
+    method.check_data(data.num_images)
+    validate, train_cfg = build_probe(cfg, method, launch)
 
     # ------------------------------------------------------------------ train
-    config_dict = to_dict(cfg)
-    log_with, init_kwargs = tracker_setup(cfg.logger, run_dir, run_name=cfg.run.name)
-
-    def init_trackers(accelerator) -> None:
-        if log_with is not None:
-            accelerator.init_trackers(cfg.logger.project, config=flatten_config(config_dict),
-                                      init_kwargs=init_kwargs)
-
-    validate, train_cfg = build_probe(cfg, method)
-    trainer = Trainer(method, dataset, train_cfg, cfg.optim, run_dir, config_dict,
-                      log_with=log_with, init_trackers=init_trackers,
-                      log_images=log_image_grids, validate=validate, monitor=PROBE_MONITOR,
-                      sampler=sampler)
+    launch.write_run_folder(cfg, data.audit_files)
+    trainer = make_trainer(method, data.dataset, cfg, launch, train_cfg=train_cfg,
+                           validate=validate, monitor=PROBE_MONITOR, sampler=data.sampler)
     summary = trainer.fit()
-    if main:
+    if launch.is_main:
         log.info("done: step %d, loss %.4f, %.1f images/s; export in %s", summary["step"],
-                 summary["loss"], summary["images_per_s"], run_dir / "export")
+                 summary["loss"], summary["images_per_s"], launch.run_dir / "export")
         if validate is not None:
             log.info("best %s %.4f at step %d: export in %s", PROBE_MONITOR, summary["best"],
-                     summary["best_step"], run_dir / "best")
+                     summary["best_step"], launch.run_dir / "best")
     return summary
 
 
-PROBE_MONITOR = "probe/mre"
+def resolve_method(cfg: PretrainConfig, method_name: Optional[str] = None) -> PretrainConfig:
+    """cfg with `method` set (method_name overrides cfg.method) and, for an SSL method, the
+    method's defaults filled into cfg.ssl, so that config.yaml records what the run used."""
+    name = method_name or cfg.method
+    if name not in PRETRAINING_METHODS:
+        raise ConfigError(f"method: unknown method {name!r}; valid: "
+                          f"{', '.join(PRETRAINING_METHODS)}")
+    cfg = dataclasses.replace(cfg, method=name)
+    if name in SSL_METHODS:
+        try:
+            channels = smp_encoder_channels(cfg.ssl.encoder, cfg.ssl.in_channels)
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"ssl.encoder={cfg.ssl.encoder!r} (in_channels "
+                              f"{cfg.ssl.in_channels}): {err}") from None
+        cfg = dataclasses.replace(cfg, ssl=resolve_ssl_config(name, cfg.ssl, channels))
+    return cfg
 
 
 def check_probe_config(cfg: PretrainConfig) -> None:
@@ -156,51 +118,41 @@ def check_probe_config(cfg: PretrainConfig) -> None:
                           "landmark probe's interval is probe.every")
 
 
-def build_probe(cfg: PretrainConfig, method) -> tuple[Optional[Callable], TrainConfig]:
+def check_stage_resolutions(cfg: PretrainConfig) -> None:
+    """A curriculum stage's image_size must fit the DDPM U-Net's depth (checked on the meta
+    device: no memory), before any data is built."""
+    if cfg.method != "ddpm":
+        return
+    for i, stage in enumerate(cfg.curriculum.stages):
+        if not (isinstance(stage.image_size, int) and stage.image_size > 0):
+            continue                   # None = data.image_size; non-positive: data's error
+        try:
+            with torch.device("meta"):
+                build_unet(dataclasses.replace(cfg.model, sample_size=None),
+                           image_size=stage.image_size)
+        except ValueError as err:
+            raise ConfigError(f"curriculum.stages[{i}].image_size: {err}") from None
+
+
+def build_probe(cfg: PretrainConfig, method, launch: Launch
+                ) -> tuple[Optional[Callable], TrainConfig]:
     """(the engine's validate hook, the TrainConfig it runs with) for `cfg.probe`.
 
     Pretraining has no validation of its own: with probe.every > 0 the engine's validation
     (every train.eval_every steps and at the end, main process, EMA weights, best/ export) runs
     the landmark probe, so its interval is probe.every."""
-    check_probe_config(cfg)
     if not cfg.probe.every:
         return None, cfg.train
-    features = getattr(method, "probe_features", None)
-    if features is None:
+    if method.probe_features is None:
         raise ConfigError(f"probe.every: method {cfg.method!r} has no probe_features, so it "
                           f"cannot be probed; set probe.every=0")
-    from ddpm_landmarks.evaluation.probe import LandmarkProbe
     # Built on every process (20 images), so a bad probe config fails everywhere at once; the
     # engine calls it on the main process only.
-    probe = LandmarkProbe(cfg.probe, cfg.data, features)
-    if _is_main_process():
+    probe = LandmarkProbe(cfg.probe, cfg.data, method.probe_features)
+    if launch.is_main:
         log.info("%s, every %d steps", probe.describe(), cfg.probe.every)
     return probe, dataclasses.replace(cfg.train, eval_every=cfg.probe.every)
 
 
-def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(
-        prog="python -m ddpm_landmarks.pretrain", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config (configs/pretrain/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=500")
-    return parser
-
-
-def run_from_args(config: str, overrides: list[str]) -> int:
-    cfg = load_config(config, overrides, cls=PretrainConfig)
-    pretrain(cfg)
-    return 0
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run_from_args(args.config, args.overrides)
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(pretrain, PretrainConfig, __doc__, "ddpm_landmarks.pretrain"))

@@ -1,7 +1,7 @@
 """`ddpm-landmarks attention RUN_OR_EXPORT --data CONFIG [--split S] [--images N] [--out DIR]`.
 
 How much of a trained model's input-gradient saliency falls inside the region around the
-ground-truth landmarks (evaluation/attention.py): a fine-tuning run or saved regressor, a DDPM
+ground-truth landmarks (studies/attention.py): a fine-tuning run or saved regressor, a DDPM
 export, an SSL encoder export, or a pretraining run folder (its best/ or export/). Writes
 per_image.csv, summary.json, summary.md and overlays/ into --out (default
 <run>/attention_<split>/) and prints the summary table. Overrides after the options change the
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from ddpm_landmarks.config import ConfigError, DataConfig, apply_override, from_dict
+from ddpm_landmarks.config.common import DataConfig
+from ddpm_landmarks.config.schema import apply_override, from_dict
+from ddpm_landmarks.errors import ConfigError
 
 
 @dataclass
@@ -38,19 +40,23 @@ def load_data_config(path: str, overrides: list[str]) -> DataConfig:
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    from ddpm_landmarks.evaluation.attention import (AttentionConfig, analyse, default_out_dir,
-                                                     summary_markdown)
-    from ddpm_landmarks.evaluation.saliency_targets import load_target
-    from ddpm_landmarks.utils.runs import setup_logging
+    from ddpm_landmarks.studies.attention import (
+        AttentionConfig,
+        analyse,
+        default_out_dir,
+        summary_markdown,
+    )
+    from ddpm_landmarks.studies.attention_models import load_analysed_model
+    from ddpm_landmarks.utils.logging_setup import setup_logging
 
     setup_logging()
     data_cfg = load_data_config(args.data, args.overrides)
     cfg = AttentionConfig(radius=args.radius, roi=args.roi, images=args.images,
                           overlays=args.overlays, batch_size=args.batch_size)
-    target = load_target(args.run, args.weights, device=args.device)
+    analysed = load_analysed_model(args.run, args.weights, device=args.device)
     split = args.split or data_cfg.eval_split
-    out_dir = default_out_dir(target, split, args.out)
-    summary = analyse(target, data_cfg, split, out_dir, cfg)
+    out_dir = default_out_dir(analysed, split, args.out)
+    summary = analyse(analysed, data_cfg, split, out_dir, cfg)
     print(summary_markdown(summary))
     print(f"results: {out_dir}")
     return 0

@@ -1,24 +1,18 @@
-"""`ddpm-landmarks classify CONFIG [overrides]` (image classification fine-tuning in this
-process) and `ddpm-landmarks evaluate-classifier RUN [--split test]` (accuracy, balanced
-accuracy, one-vs-rest AUC, confusion matrix; metrics.json + predictions.csv).
-
-For several processes use `accelerate launch -m ddpm_landmarks.classify --config CONFIG`.
-"""
+"""`ddpm-landmarks evaluate-classifier RUN [--split test]`: score a classification run
+(accuracy, balanced accuracy, one-vs-rest AUC, confusion matrix; metrics.json +
+predictions.csv). Training is `ddpm-landmarks classify` (cli/training_commands.py)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 
-def cmd_classify(args: argparse.Namespace) -> int:
-    from ddpm_landmarks.classify import run_from_args   # torch / diffusers load only when used
-    return run_from_args(args.config, args.overrides)
-
-
 def cmd_evaluate_classifier(args: argparse.Namespace) -> int:
-    from ddpm_landmarks.evaluation.classification_metrics import format_classification_summary
-    from ddpm_landmarks.evaluation.classifier_run import evaluate_classifier_run
-    from ddpm_landmarks.utils.runs import setup_logging
+    from ddpm_landmarks.evaluation.classification_metrics import (
+        format_classification_summary,
+    )
+    from ddpm_landmarks.inference.classifier_runs import evaluate_classifier_run
+    from ddpm_landmarks.utils.logging_setup import setup_logging
 
     setup_logging()
     summary = evaluate_classifier_run(args.run, args.split, args.weights, args.overrides,
@@ -31,11 +25,6 @@ def cmd_evaluate_classifier(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("classify", help="fine-tune an image classifier on any encoder")
-    p.add_argument("config", help="YAML config (configs/classify/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.freeze=encoder")
-    p.set_defaults(func=cmd_classify)
-
     p = subparsers.add_parser("evaluate-classifier",
                               help="score a classification run on a labelled split")
     p.add_argument("run", help="classification run folder (runs/<name>)")

@@ -7,17 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ddpm_landmarks.config import load_config
+from ddpm_landmarks.config.schema import load_config
 from ddpm_landmarks.data.registry import build_dataset
-from ddpm_landmarks.data.sample import DataError, LandmarkDataset
+from ddpm_landmarks.data.sample import LandmarkDataset
+from ddpm_landmarks.errors import DataError
 from ddpm_landmarks.evaluation import visualize
-
-
-def _range(values: list) -> str:
-    if not values:
-        return "-"
-    lo, hi = min(values), max(values)
-    return f"{lo}" if lo == hi else f"{lo} .. {hi}"
 
 
 def describe_split(dataset: LandmarkDataset) -> tuple[list[str], list[str]]:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddpm_landmarks.evaluation.evaluate import format_summary
-    from ddpm_landmarks.evaluation.trained_run import evaluate_run, load_trained_run
     from ddpm_landmarks.evaluation.wandb_log import log_evaluation
-    from ddpm_landmarks.utils.runs import setup_logging
+    from ddpm_landmarks.inference.runs import evaluate_run, load_trained_run
+    from ddpm_landmarks.utils.logging_setup import setup_logging
 
     setup_logging()
     run = load_trained_run(args.run, args.weights, args.overrides, device=args.device)

@@ -12,10 +12,17 @@ import argparse
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from ddpm_landmarks.experiments.grid import (CELL_STATUS, PRETRAIN_STATUS, SOURCE_STATUS,
-                                                 read_status, run_grid, select_cells)
-    from ddpm_landmarks.experiments.grid_config import build_plan, load_grid
-    from ddpm_landmarks.utils.runs import setup_logging
+    from ddpm_landmarks.experiments.grid import (
+        CELL_STATUS,
+        PRETRAIN_STATUS,
+        SOURCE_STATUS,
+        read_status,
+        run_grid,
+        select_cells,
+    )
+    from ddpm_landmarks.experiments.grid_plan import build_plan
+    from ddpm_landmarks.experiments.grid_schema import load_grid
+    from ddpm_landmarks.utils.logging_setup import setup_logging
 
     setup_logging()
     grid = load_grid(args.experiment, args.overrides)

@@ -4,14 +4,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ddpm_landmarks.cli import (data_commands, evaluate_command, finetune_command, grid_command,
-                                mean_shape_command, predict_command, pretrain_command,
-                                report_command)
-from ddpm_landmarks.cli import classify_command
-from ddpm_landmarks.cli import rank_sources_command
-from ddpm_landmarks.cli import attention_command
-from ddpm_landmarks.config import ConfigError
-from ddpm_landmarks.data.sample import DataError
+from ddpm_landmarks.cli import (
+    attention_command,
+    classify_command,
+    data_commands,
+    evaluate_command,
+    grid_command,
+    mean_shape_command,
+    predict_command,
+    rank_sources_command,
+    report_command,
+    training_commands,
+)
+from ddpm_landmarks.errors import ConfigError, DataError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,13 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     data_commands.add_parser(subparsers)
     mean_shape_command.add_parser(subparsers)
-    pretrain_command.add_parser(subparsers)
-    finetune_command.add_parser(subparsers)
+    training_commands.add_parser(subparsers)
     evaluate_command.add_parser(subparsers)
     predict_command.add_parser(subparsers)
     grid_command.add_parser(subparsers)
     report_command.add_parser(subparsers)
-    classify_command.add_parser(subparsers)
+    classify_command.add_parser(subparsers)       # evaluate-classifier
     rank_sources_command.add_parser(subparsers)
     attention_command.add_parser(subparsers)
     return parser

@@ -13,9 +13,9 @@ from pathlib import Path
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ddpm_landmarks.evaluation.predict import predict_folder, write_predictions_csv
-    from ddpm_landmarks.evaluation.trained_run import load_trained_run
-    from ddpm_landmarks.utils.runs import setup_logging
+    from ddpm_landmarks.inference.predict import predict_folder, write_predictions_csv
+    from ddpm_landmarks.inference.runs import load_trained_run
+    from ddpm_landmarks.utils.logging_setup import setup_logging
 
     setup_logging()
     run = load_trained_run(args.run, args.weights, args.overrides, device=args.device)

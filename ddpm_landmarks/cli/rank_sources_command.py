@@ -2,7 +2,7 @@
 [--validate GRID_DIR ...] [overrides]`.
 
 Ranks pretrained checkpoints for the target fine-tuning config's labelled images without
-fine-tuning (evaluation/source_ranking.py). Overrides `rank.*` set the ranking
+fine-tuning (studies/source_ranking.py). Overrides `rank.*` set the ranking
 (source_ranking.RankConfig: rank.score=hscore, rank.min_label_ssim=0.5, ...); every other
 override is the target config's (data.image_size=64 fewshot.budget=25 ...). Overrides may
 follow the candidates: an entry that looks like `section.key=value` is an override.
@@ -15,18 +15,25 @@ import re
 import sys
 from pathlib import Path
 
-from ddpm_landmarks.config import ConfigError, load_config
+from ddpm_landmarks.config.schema import load_config
+from ddpm_landmarks.errors import ConfigError
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
 
 
 def cmd_rank_sources(args: argparse.Namespace) -> int:
-    from ddpm_landmarks.evaluation.ranking_validation import (validate_ranking,
-                                                              validation_markdown,
-                                                              write_validation)
-    from ddpm_landmarks.evaluation.source_ranking import (rank_sources, ranking_markdown,
-                                                          split_overrides, write_ranking)
-    from ddpm_landmarks.training.finetune_config import FinetuneConfig
+    from ddpm_landmarks.config.finetune import FinetuneConfig
+    from ddpm_landmarks.studies.ranking_validation import (
+        validate_ranking,
+        validation_markdown,
+        write_validation,
+    )
+    from ddpm_landmarks.studies.source_ranking import (
+        rank_sources,
+        ranking_markdown,
+        split_overrides,
+        write_ranking,
+    )
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     # argparse's nargs="+" swallows overrides written after the candidates.

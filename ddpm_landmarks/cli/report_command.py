@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ddpm_landmarks.config import ConfigError
+from ddpm_landmarks.errors import ConfigError
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -29,7 +29,8 @@ import numpy as np
 
 from ddpm_landmarks.data.generic import BadSamples, parse_float
 from ddpm_landmarks.data.image_io import IMAGE_SUFFIXES, image_size
-from ddpm_landmarks.data.sample import DataError, LandmarkDataset, Record
+from ddpm_landmarks.data.sample import LandmarkDataset, Record
+from ddpm_landmarks.errors import DataError
 
 log = logging.getLogger(__name__)
 

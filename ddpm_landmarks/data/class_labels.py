@@ -34,36 +34,22 @@ off (augment.flip_prob=0) when a label has a side.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from ddpm_landmarks.config import AugmentConfig, DataConfig, HeatmapConfig
+from ddpm_landmarks.config.classify import LabelsConfig
+from ddpm_landmarks.config.common import AugmentConfig, DataConfig, HeatmapConfig
 from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
-from ddpm_landmarks.data.sample import DataError, LandmarkDataset, Record
+from ddpm_landmarks.data.sample import LandmarkDataset, Record
 from ddpm_landmarks.data.unlabeled import find_images, image_id
+from ddpm_landmarks.errors import DataError
 from ddpm_landmarks.utils.paths import expand_path
 
 NO_LANDMARKS = np.zeros((0, 2), dtype=np.float64)
-
-
-@dataclass
-class LabelsConfig:
-    """The label file and where its images are (module doc)."""
-    file: str = ""                      # CSV image,label[,split]; "" = synthetic marker task
-    images: str = ""                    # image folder; "" = the images of data.dataset
-    image_column: str = "image"
-    label_column: str = "label"
-    split_column: str = "split"         # used when the CSV has it
-    # Validation images: this split of the file / dataset; "" = drawn from data.train_split by
-    # the fewshot section (val_policy, val_count).
-    val_split: str = ""
-    # Valid names in the CSV's split column; [] = data.train_split, labels.val_split,
-    # data.eval_split. A row with another name is an error (a typo must not drop a test image).
-    splits: list[str] = field(default_factory=list)
 
 
 @dataclass

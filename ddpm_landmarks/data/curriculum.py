@@ -3,15 +3,15 @@ resolution at configured optimiser steps, for every pretraining method (DDPM and
 baselines), after "Self-supervised curricular deep learning for chest x-ray image
 classification" (2023): pretraining data staged from generic to in-domain.
 
-    curriculum:                          # PretrainConfig.curriculum (training/config.py)
+    curriculum:                          # PretrainConfig.curriculum (config/pretrain.py)
       stages:
         - {name: generic,   until_step: 2000, pools: {chest: 1.0}}
         - {name: mixed,     until_step: 4000, pools: {chest: 1.0, spine: 1.0}}
         - {name: in-domain, pools: {"isbi2015:train": 1.0}, augment_strength: 1.5}
 
-    images = build_pretrain_dataset(cfg, run_dir)     # a CurriculumImages
-    sampler = CurriculumSampler(images.curriculum, len(images), seed=cfg.train.seed)
-    Trainer(method, images, ..., sampler=sampler).fit()
+    curriculum = build_curriculum(cfg, pools, seed)   # data/pretrain_sets.py does this
+    images = CurriculumImages(curriculum, seed)
+    sampler = CurriculumSampler(curriculum, len(images), seed=cfg.train.seed)
 
 A stage trains the optimiser steps after the previous stage's `until_step` up to and including
 its own (the last stage's None = to train.max_steps). Per stage:
@@ -36,14 +36,13 @@ micro-batches and at each epoch end), so a micro-batch has one stage and one res
 a stage items come in rounds: a shuffled pool_slots multiset of the stage's size (equal
 weights: every image once per round), seeded by (seed, epoch, stage).
 
-Audit (run folder): pretrain_images.txt (every image of any stage; an exclusion file),
-pretrain_images_stage<i>.txt, curriculum.json (the resolved stages).
+Audit (run folder, written by data/pretrain_sets.py): pretrain_images.txt (every image of any
+stage; an exclusion file), pretrain_images_stage<i>.txt, curriculum.json (the resolved stages).
 """
 from __future__ import annotations
 
 import bisect
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -54,12 +53,12 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from ddpm_landmarks.config import AugmentConfig, ConfigError, from_dict, to_dict
-from ddpm_landmarks.data.pretrain_data import (EXCLUSION_REPORT, IMAGE_LIST, PretrainImages,
-                                               exclusion_summary, pool_slots)
-from ddpm_landmarks.data.sample import DataError
-from ddpm_landmarks.data.unlabeled import MixedPools, write_image_list
-from ddpm_landmarks.utils.atomic import atomic_write_text
+from ddpm_landmarks.config.common import AugmentConfig
+from ddpm_landmarks.config.schema import from_dict, to_dict
+from ddpm_landmarks.data.pretrain_data import PretrainImages, pool_slots
+from ddpm_landmarks.data.samplers import EpochSampler
+from ddpm_landmarks.data.unlabeled import MixedPools
+from ddpm_landmarks.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -220,16 +219,11 @@ def stage_pools(wanted: dict[str, float], pools: MixedPools, where: str) -> Mixe
     return MixedPools(chosen, pools.report)
 
 
-def _check_resolution(cfg, size: int, where: str) -> None:
+def _check_resolution(size: int, where: str) -> None:
+    # The model's own limits (e.g. the DDPM U-Net's depth) are checked by the pretraining script
+    # (pretrain.check_stage_resolutions) before any data is built.
     if not (isinstance(size, int) and size > 0):
         raise ConfigError(f"{where}.image_size: {size!r} is not a positive number of pixels")
-    if cfg.method == "ddpm":
-        from ddpm_landmarks.models.unet import build_unet
-        try:
-            with torch.device("meta"):    # checks the size against the preset's depth, no memory
-                build_unet(dataclasses.replace(cfg.model, sample_size=None), image_size=size)
-        except ValueError as err:
-            raise ConfigError(f"{where}.image_size: {err}") from None
 
 
 def build_curriculum(cfg, pools: MixedPools, seed: int, views=None) -> Curriculum:
@@ -245,7 +239,7 @@ def build_curriculum(cfg, pools: MixedPools, seed: int, views=None) -> Curriculu
         if not (math.isfinite(strength) and strength >= 0):
             raise ConfigError(f"{where}.augment_strength must be >= 0, got {strength}")
         size = cfg.data.image_size if spec.image_size is None else spec.image_size
-        _check_resolution(cfg, size, where)
+        _check_resolution(size, where)
         chosen = stage_pools(spec.pools, pools, where)
         stage_seed = seed + STAGE_SEED_STRIDE * i
         if views is not None:
@@ -316,20 +310,17 @@ class CurriculumImages(torch.utils.data.Dataset):
         return self.datasets[stage][index]
 
 
-class CurriculumSampler(torch.utils.data.Sampler):
+class CurriculumSampler(EpochSampler):
     """(stage, index) keys; the stage of each position is the one of the optimiser step it
     will train in (module docstring). The engine calls set_epoch and set_step_layout before
     each epoch and logs scalars(step). No `generator` attribute: accelerate must not replace
     or re-seed it."""
 
     def __init__(self, curriculum: Curriculum, epoch_size: int, seed: int = 0):
-        self.curriculum, self.epoch_size, self.seed = curriculum, int(epoch_size), int(seed)
-        self.epoch = 0
+        super().__init__(epoch_size, seed)
+        self.curriculum, self.epoch_size = curriculum, int(epoch_size)
         self.set_step_layout(steps_before=0, batch_size=1, num_processes=1, grad_accum=1)
         self._reported = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def set_step_layout(self, steps_before: int, batch_size: int, num_processes: int,
                         grad_accum: int) -> None:
@@ -370,34 +361,3 @@ class CurriculumSampler(torch.utils.data.Sampler):
                                                  for p in stage.pools.pools), stage.image_size)
             self._reported = stage.index
         return {STAGE_SCALAR: float(stage.index)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Entry point (build_pretrain_dataset) and audit files
-# ----------------------------------------------------------------------------------------------
-
-def write_audit(curriculum: Curriculum, pools: MixedPools, run_dir: Path) -> None:
-    """pretrain_images.txt (every image of any stage), one list per stage, curriculum.json and
-    pretrain_exclusions.txt with what each stage draws."""
-    run_dir = Path(run_dir)
-    write_image_list(curriculum.paths, run_dir / IMAGE_LIST)
-    for stage in curriculum.stages:
-        write_image_list(stage.pools.paths, run_dir / stage_image_list(stage.index))
-    atomic_write_text(run_dir / CURRICULUM_FILE, json.dumps(
-        {"stages": [s.describe() for s in curriculum.stages]}, indent=2) + "\n")
-    lines = [f"stage {s.index} {s.name!r} (steps {s.first_step}-{s.last_step}, {s.image_size} "
-             f"px): {len(s.pools)} images from " + ", ".join(
-                 f"{p.name} x{p.weight:g}" for p in s.pools.pools) for s in curriculum.stages]
-    atomic_write_text(run_dir / EXCLUSION_REPORT, exclusion_summary(pools) + "\n".join(lines)
-                      + "\n")
-
-
-def build_curriculum_images(cfg, pools: MixedPools, run_dir: Optional[Path] = None,
-                            seed: int = 0, views=None) -> CurriculumImages:
-    curriculum = build_curriculum(cfg, pools, seed, views)
-    if run_dir is not None:
-        write_audit(curriculum, pools, run_dir)
-    for s in curriculum.stages:
-        log.info("curriculum stage %d %r: steps %d-%d, %d images, %d px", s.index, s.name,
-                 s.first_step, s.last_step, len(s.pools), s.image_size)
-    return CurriculumImages(curriculum, seed)

@@ -44,9 +44,13 @@ from pydicom.errors import InvalidDicomError
 try:  # pydicom >= 3
     from pydicom.pixels import apply_modality_lut, apply_voi, apply_voi_lut
 except ImportError:  # pydicom 2.4 kept the same functions here
-    from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi, apply_voi_lut
+    from pydicom.pixel_data_handlers.util import (
+        apply_modality_lut,
+        apply_voi,
+        apply_voi_lut,
+    )
 
-from ddpm_landmarks.data.sample import DataError
+from ddpm_landmarks.errors import DataError
 
 log = logging.getLogger(__name__)
 

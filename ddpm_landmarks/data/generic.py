@@ -31,8 +31,13 @@ import numpy as np
 
 from ddpm_landmarks.data.dicom import read_dicom_spacing
 from ddpm_landmarks.data.image_io import IMAGE_SUFFIXES, image_size, is_dicom
-from ddpm_landmarks.data.sample import (DataError, LandmarkDataset, Record, original_to_stored,
-                                        stored_to_original)
+from ddpm_landmarks.data.sample import (
+    LandmarkDataset,
+    Record,
+    original_to_stored,
+    stored_to_original,
+)
+from ddpm_landmarks.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,8 @@ import numpy as np
 
 from ddpm_landmarks.data.generic import BadSamples, parse_float, read_manifest
 from ddpm_landmarks.data.image_io import IMAGE_SUFFIXES
-from ddpm_landmarks.data.sample import DataError, LandmarkDataset, Record
+from ddpm_landmarks.data.sample import LandmarkDataset, Record
+from ddpm_landmarks.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ddpm_landmarks.config import AugmentConfig, DataConfig, HeatmapConfig
-from ddpm_landmarks.data.heatmaps import make_targets
+from ddpm_landmarks.config.common import AugmentConfig, DataConfig, HeatmapConfig
 from ddpm_landmarks.data.sample import LandmarkDataset
 from ddpm_landmarks.data.transforms import LandmarkTransform
+from ddpm_landmarks.heatmaps.targets import make_targets
 
 
 class HeatmapDataset(torch.utils.data.Dataset):

@@ -12,7 +12,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from ddpm_landmarks.config import AugmentConfig
+from ddpm_landmarks.config.common import AugmentConfig
 
 
 def _unit(image: np.ndarray) -> np.ndarray:

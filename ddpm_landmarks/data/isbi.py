@@ -33,7 +33,8 @@ from typing import Optional
 import numpy as np
 
 from ddpm_landmarks.data.generic import BadSamples, parse_float, read_landmark_folder
-from ddpm_landmarks.data.sample import DataError, LandmarkDataset, Record
+from ddpm_landmarks.data.sample import LandmarkDataset, Record
+from ddpm_landmarks.errors import DataError
 
 log = logging.getLogger(__name__)
 

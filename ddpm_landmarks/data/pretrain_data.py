@@ -1,9 +1,11 @@
 """Images for DDPM pretraining: the unlabelled pools (+ labelled splits), resized and mildly augmented.
 
-    dataset = build_pretrain_dataset(cfg, run_dir)      # writes the audit lists into run_dir
-    sampler = pool_sampler(dataset, num_samples=..., seed=cfg.train.seed)
-    loader = DataLoader(dataset, batch_size, sampler=sampler, num_workers=...,
-                        worker_init_fn=worker_init_fn, generator=torch.Generator().manual_seed(s))
+    pools = build_pretrain_pools(cfg)                   # MixedPools, exclusions applied
+    images = PretrainImages(pools, cfg.data.image_size, cfg.data.resize_mode, cfg.augment)
+    epoch = pool_weighted_subset(images, seed=cfg.train.seed)   # unequal pool weights
+
+(data/pretrain_sets.py builds the right dataset for a pretraining config: these images, the SSL
+methods' two views, or a curriculum.)
 
 Items are float32 tensors (1, S, S) in [-1, 1] (the range DDPM noise schedules assume).
 
@@ -12,11 +14,9 @@ is set, the images of those splits of cfg.data.dataset, each split one more pool
 (there is no config key for it). The exclusion rules (cfg.unlabeled.exclude) apply to both, and
 an image already in an earlier pool is not added twice.
 
-Mixing by weight: pool_sampler_weights gives image i of pool p the weight w_p / |p|, so a pool
-is drawn with probability proportional to its weight whatever its size (same rule as
-unlabeled.PoolSampler). Under accelerate, give the sampler the SAME seed on every process:
-accelerate shards the batches of one shared stream across processes. For a loader that shuffles
-uniformly (the training engine), pool_weighted_subset gives the same mixing as a Subset.
+Mixing by weight: pool_slots gives pool p a share of an epoch proportional to its weight,
+whatever its size; pool_weighted_subset wraps that as a Subset for the engine's uniform
+shuffle. Seed it the same on every process (accelerate shards one shared stream).
 
 Randomness: the dataset owns `self.rng` (numpy Generator, seeded at construction, `reseed`).
 In a DataLoader worker the dataset is a copy; it reseeds itself, on its first item, from the
@@ -37,21 +37,26 @@ import cv2
 import numpy as np
 import torch
 
-from ddpm_landmarks.config import AugmentConfig, ConfigError
+from ddpm_landmarks.config.common import AugmentConfig
 from ddpm_landmarks.data.image_io import read_image
 from ddpm_landmarks.data.intensity import random_intensity
-from ddpm_landmarks.data.sample import DataError
-from ddpm_landmarks.data.transforms import (original_to_model_matrix, random_affine_matrix,
-                                            warp_image)
-from ddpm_landmarks.data.unlabeled import (ExclusionReport, MixedPools, UnlabeledPool,
-                                           apply_exclusions, build_pools, parse_exclusion,
-                                           write_image_list)
-from ddpm_landmarks.utils.atomic import atomic_write_text
+from ddpm_landmarks.data.transforms import (
+    original_to_model_matrix,
+    random_affine_matrix,
+    warp_image,
+)
+from ddpm_landmarks.data.unlabeled import (
+    ExclusionReport,
+    MixedPools,
+    UnlabeledPool,
+    apply_exclusions,
+    build_pools,
+    parse_exclusion,
+)
+from ddpm_landmarks.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_LIST = "pretrain_images.txt"
-EXCLUSION_REPORT = "pretrain_exclusions.txt"
 
 
 class PretrainImages(torch.utils.data.Dataset):
@@ -141,23 +146,6 @@ def worker_init_fn(worker_id: int) -> None:
         dataset.reseed(seed)
 
 
-def pool_sampler_weights(dataset: PretrainImages | MixedPools) -> torch.Tensor:
-    """Per-item sampling weights (float64, summing to 1): pool weight / pool size."""
-    pools = dataset.pools if isinstance(dataset, PretrainImages) else dataset
-    total = sum(p.weight for p in pools.pools)
-    weights = [p.weight / total / len(p) for p in pools.pools for _ in p.paths]
-    return torch.tensor(weights, dtype=torch.float64)
-
-
-def pool_sampler(dataset: PretrainImages, num_samples: int,
-                 seed: int = 0) -> torch.utils.data.WeightedRandomSampler:
-    """WeightedRandomSampler (with replacement) mixing the pools by weight; seed it the same on
-    every process (see the module docstring)."""
-    generator = torch.Generator().manual_seed(int(seed))
-    return torch.utils.data.WeightedRandomSampler(pool_sampler_weights(dataset), int(num_samples),
-                                                  replacement=True, generator=generator)
-
-
 def pool_slots(pools, size: int, rng: np.random.Generator) -> np.ndarray:
     """`size` indices into the concatenation of `pools` (UnlabeledPools), grouped by pool, in
     proportion to the pool weights: pool p gets round(size * w_p / sum w) slots (largest
@@ -187,7 +175,7 @@ def pool_weighted_subset(dataset: PretrainImages, epoch_size: Optional[int] = No
 
 def _labelled_split_pools(cfg, seen: set[Path], report: ExclusionReport) -> list[UnlabeledPool]:
     """One pool per cfg.unlabeled.labelled_splits entry, exclusions applied (into `report`)."""
-    from ddpm_landmarks.data.registry import build_dataset   # imports every reader
+    from ddpm_landmarks.data.registry import build_dataset  # imports every reader
     dataset = build_dataset(cfg.data)   # first: a synthetic set is generated before exclusions
     rules = [parse_exclusion(e) for e in cfg.unlabeled.exclude if e.strip()]
     for rule in rules:
@@ -231,47 +219,3 @@ def build_pretrain_pools(cfg) -> MixedPools:
     if len(result) == 0:   # cannot happen (every pool is checked), but never train on nothing
         raise DataError(f"no pretraining images in pools {[p.name for p in pools]}")
     return result
-
-
-def exclusion_summary(pools: MixedPools) -> str:
-    """Text of pretrain_exclusions.txt: the exclusion report and what each pool contributes."""
-    lines = [f"# pretraining images: {pools.report.summary()}"]
-    lines += [f"rule {rule!r}: {n} excluded" for rule, n in pools.report.per_rule.items()]
-    lines += [f"pool {p.name!r}: {len(p)} images, weight {p.weight:g}, root {p.root}"
-              for p in pools.pools]
-    return "\n".join(lines) + "\n"
-
-
-def build_pretrain_dataset(cfg, run_dir: Optional[Path] = None,
-                           seed: Optional[int] = None, views=None) -> PretrainImages:
-    """PretrainImages for a PretrainConfig; writes the audit files into run_dir when given.
-
-    run_dir/pretrain_images.txt lists every image trained on (absolute paths; usable as an
-    exclusion file), run_dir/pretrain_exclusions.txt what the exclusion rules removed.
-    seed: the augmentation seed outside DataLoader workers (default cfg.train.seed; under
-    accelerate pass seed + process index so that processes augment differently).
-    views: a ViewConfig (cfg.ssl.views) for the SSL baselines: the same pools as two
-    augmented views per item (data.ssl_views.TwoViewImages) instead of cfg.augment.
-    With cfg.curriculum.stages: a data.curriculum.CurriculumImages (one dataset per stage,
-    items keyed (stage, index), to be drawn by its CurriculumSampler).
-    """
-    pools = build_pretrain_pools(cfg)
-    seed = cfg.train.seed if seed is None else seed
-    if getattr(cfg, "curriculum", None) is not None and cfg.curriculum.stages:
-        # Staged pools / augmentation / resolution: one dataset per stage (data/curriculum.py),
-        # with its own audit files.
-        from ddpm_landmarks.data.curriculum import build_curriculum_images
-        return build_curriculum_images(cfg, pools, run_dir, seed=seed, views=views)
-    if views is not None:
-        from ddpm_landmarks.data.ssl_views import TwoViewImages
-        dataset = TwoViewImages(pools, cfg.data.image_size, views, cfg.data.resize_mode,
-                                seed=seed)
-    else:
-        dataset = PretrainImages(pools, cfg.data.image_size, cfg.data.resize_mode, cfg.augment,
-                                 seed=seed)
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        write_image_list(pools.paths, run_dir / IMAGE_LIST)
-        atomic_write_text(run_dir / EXCLUSION_REPORT, exclusion_summary(pools))
-    log.info("pretraining on %d images from %d pools", len(dataset), len(pools.pools))
-    return dataset

@@ -12,8 +12,9 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from ddpm_landmarks.config import DataConfig
-from ddpm_landmarks.data.sample import DataError, LandmarkDataset
+from ddpm_landmarks.config.common import DataConfig
+from ddpm_landmarks.data.sample import LandmarkDataset
+from ddpm_landmarks.errors import DataError
 from ddpm_landmarks.utils.paths import DATA_ENV, data_dir, expand_path
 
 DEFAULT_SUBDIRS = {

@@ -18,9 +18,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """Bad input data: the message names the file (and line) at fault."""
+from ddpm_landmarks.errors import DataError
 
 
 @dataclass

@@ -19,7 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddpm_landmarks.data.generic import read_landmark_folder
-from ddpm_landmarks.data.sample import DataError, LandmarkDataset
+from ddpm_landmarks.data.sample import LandmarkDataset
+from ddpm_landmarks.errors import DataError
 
 VERTEBRAE = [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)]
 CORNERS = ("upper-left", "upper-right", "lower-left", "lower-right")

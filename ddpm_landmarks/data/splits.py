@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ddpm_landmarks.config import FewShotConfig
+from ddpm_landmarks.config.common import FewShotConfig
 from ddpm_landmarks.utils.atomic import atomic_write_text
 
 # Distinguishes the validation generator from the budget generator of the same (seed, draw).
@@ -147,18 +147,24 @@ def make_fewshot_split(train_ids: Sequence[str], cfg: FewShotConfig) -> FewShotS
                         val_policy=cfg.val_policy, val_count=len(val), pool_size=len(pool))
 
 
-def save_split(split: FewShotSplit, run_dir: str | Path) -> Path:
-    """Write split_train_ids.txt, split_val_ids.txt and split.json into `run_dir`."""
-    run_dir = Path(run_dir)
-    for name, ids in (("split_train_ids.txt", split.train_ids),
-                      ("split_val_ids.txt", split.val_ids)):
-        atomic_write_text(run_dir / name, "".join(f"{i}\n" for i in ids))
+def split_files(split: FewShotSplit) -> dict[str, str]:
+    """{file name: text} of a split: split_train_ids.txt, split_val_ids.txt and split.json."""
     meta = {"policy": split.policy, "seed": split.seed, "draw": split.draw,
             "budget": split.budget, "selection": split.selection,
             "val_policy": split.val_policy, "val_count": split.val_count,
             "pool_size": split.pool_size, "num_train": len(split.train_ids),
             "num_val": len(split.val_ids)}
-    return atomic_write_text(run_dir / "split.json", json.dumps(meta, indent=2) + "\n")
+    return {"split_train_ids.txt": "".join(f"{i}\n" for i in split.train_ids),
+            "split_val_ids.txt": "".join(f"{i}\n" for i in split.val_ids),
+            "split.json": json.dumps(meta, indent=2) + "\n"}
+
+
+def save_split(split: FewShotSplit, run_dir: str | Path) -> Path:
+    """Write split_files(split) into `run_dir`; returns split.json's path."""
+    run_dir = Path(run_dir)
+    for name, text in split_files(split).items():
+        atomic_write_text(run_dir / name, text)
+    return run_dir / "split.json"
 
 
 def load_split(run_dir: str | Path) -> FewShotSplit:

@@ -29,15 +29,25 @@ import cv2
 import numpy as np
 import torch
 
-from ddpm_landmarks.config import ConfigError
 from ddpm_landmarks.data.image_io import read_image
-from ddpm_landmarks.data.intensity import (add_gaussian_noise, adjust_brightness,
-                                           adjust_contrast, adjust_gamma, gaussian_blur)
+from ddpm_landmarks.data.intensity import (
+    add_gaussian_noise,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_gamma,
+    gaussian_blur,
+)
 from ddpm_landmarks.data.pretrain_data import PretrainImages
-from ddpm_landmarks.data.transforms import (flip_matrix, original_to_model_matrix,
-                                            resize_matrix, scale_matrix, translation_matrix,
-                                            warp_image)
+from ddpm_landmarks.data.transforms import (
+    flip_matrix,
+    original_to_model_matrix,
+    resize_matrix,
+    scale_matrix,
+    translation_matrix,
+    warp_image,
+)
 from ddpm_landmarks.data.unlabeled import MixedPools
+from ddpm_landmarks.errors import ConfigError
 
 
 def random_resized_crop_box(rng: np.random.Generator, size: int, scale: Sequence[float],

@@ -20,10 +20,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ddpm_landmarks.config import DataConfig
+from ddpm_landmarks.config.common import DataConfig
 from ddpm_landmarks.data.image_io import read_image
-from ddpm_landmarks.data.synthetic import (build_synthetic_dataset, default_cache_dir,
-                                           spec_from_config)
+from ddpm_landmarks.data.synthetic import (
+    build_synthetic_dataset,
+    default_cache_dir,
+    spec_from_config,
+)
 from ddpm_landmarks.utils.atomic import atomic_directory
 from ddpm_landmarks.utils.paths import expand_path
 

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 
-from ddpm_landmarks.config import AugmentConfig, DataConfig
+from ddpm_landmarks.config.common import AugmentConfig, DataConfig
 from ddpm_landmarks.data.intensity import random_intensity
 from ddpm_landmarks.data.sample import LandmarkSample
 

@@ -1,14 +1,11 @@
 """Unlabelled image pools for self-supervised pretraining, mixed by weight, minus exclusions.
 
     pools = build_pools(cfg.unlabeled)           # MixedPools; pools.report says what was removed
-    write_image_list(pools.paths, run_dir / "pretrain_images.txt")
-    sampler = pools.sampler(seed=cfg.run.seed)
-    for index in sampler.draw(batch_size): image = pools[index]
+    text = image_list_text(pools.paths)          # run_dir/pretrain_images.txt, for audits
 
-Mixing: a draw picks pool i with probability weight_i / sum(weights), then an image uniformly
-within it, so a small pool with a large weight is revisited often and a large pool cannot drown
-the others. Everything is seeded (numpy Generator) and image lists are sorted, so the same
-config and seed give the same draws on every machine.
+Pools are mixed by weight when training draws from them (data/pretrain_data.pool_slots: a pool
+is drawn in proportion to its weight whatever its size). Image lists are sorted, so the same
+config gives the same pools on every machine.
 
 Exclusions (UnlabeledConfig.exclude) keep evaluation images out of pretraining. Each entry is
 - "dataset:split" or "dataset:split@/dataset/root": the images of that split, resolved through
@@ -17,7 +14,7 @@ Exclusions (UnlabeledConfig.exclude) keep evaluation images out of pretraining. 
   a folder separator is an image path (relative to the list file's folder), excluded by path;
   any other line is an image id (file name minus an image suffix, see image_id);
 - anything else: one image id, e.g. "151" or "151.png".
-A file written by write_image_list is itself a valid exclusion file. An entry that excludes
+A file written from image_list_text is itself a valid exclusion file. An entry that excludes
 nothing is logged as a warning (probably a typo) rather than failing; a missing list file or
 dataset is an error, because silently excluding nothing is how test images leak.
 """
@@ -27,14 +24,13 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from ddpm_landmarks.config import ConfigError, DataConfig, UnlabeledConfig
+from ddpm_landmarks.config.common import DataConfig, UnlabeledConfig
 from ddpm_landmarks.data.image_io import IMAGE_SUFFIXES, is_dicom, read_image
-from ddpm_landmarks.data.sample import DataError
-from ddpm_landmarks.utils.atomic import atomic_write_text
+from ddpm_landmarks.errors import ConfigError, DataError
 from ddpm_landmarks.utils.paths import expand_path
 
 log = logging.getLogger(__name__)
@@ -99,28 +95,6 @@ class ExclusionReport:
         return f"{self.found} images found, {self.excluded} excluded ({rules}), {self.kept} kept"
 
 
-class PoolSampler:
-    """Seeded stream of global indices into a MixedPools (pool by weight, then uniform)."""
-
-    def __init__(self, pools: "MixedPools", seed: int | np.random.Generator = 0):
-        self.pools = pools
-        self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        weights = np.array([p.weight for p in pools.pools], dtype=np.float64)
-        self.probabilities = weights / weights.sum()
-        self._sizes = np.array([len(p) for p in pools.pools], dtype=np.int64)
-        self._offsets = np.concatenate([[0], np.cumsum(self._sizes)[:-1]])
-
-    def draw(self, n: int) -> np.ndarray:
-        """n global indices (int64); pools[i] loads the image."""
-        pool = self.rng.choice(len(self._sizes), size=n, p=self.probabilities)
-        within = self.rng.integers(0, self._sizes[pool])
-        return self._offsets[pool] + within
-
-    def __iter__(self) -> Iterator[int]:
-        while True:
-            yield from (int(i) for i in self.draw(1024))
-
-
 class MixedPools:
     """Several UnlabeledPools seen as one indexable list (pool order, then sorted paths)."""
 
@@ -153,9 +127,6 @@ class MixedPools:
 
     def path(self, index: int) -> Path:
         return self._items[index][1]
-
-    def sampler(self, seed: int | np.random.Generator = 0) -> PoolSampler:
-        return PoolSampler(self, seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,11 +232,9 @@ def build_pools(cfg: UnlabeledConfig) -> MixedPools:
     return MixedPools(pools, report)
 
 
-def write_image_list(paths: Sequence[str | Path], out_path: str | Path) -> Path:
-    """Write every pretraining image path (absolute, one per line) atomically, for audits.
-
-    The header lines start with "#", so the file can be passed back as an exclusion list.
-    """
+def image_list_text(paths: Sequence[str | Path]) -> str:
+    """Every pretraining image path (absolute, one per line), for audits. The header lines
+    start with "#", so the file can be passed back as an exclusion list."""
     lines = [f"# {len(paths)} pretraining images, one absolute path per line (id = file stem)"]
     lines += [str(Path(p).resolve()) for p in paths]
-    return atomic_write_text(Path(out_path), "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"

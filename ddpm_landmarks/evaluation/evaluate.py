@@ -11,24 +11,49 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ddpm_landmarks.config import EvalConfig
-from ddpm_landmarks.data.sample import LandmarkDataset, LandmarkSample, original_to_stored
+from ddpm_landmarks.config.common import EvalConfig
+from ddpm_landmarks.data.image_io import image_size
+from ddpm_landmarks.data.sample import (
+    LandmarkDataset,
+    LandmarkSample,
+    original_to_stored,
+)
 from ddpm_landmarks.evaluation import visualize
-from ddpm_landmarks.evaluation.metrics import (measurement_scale, radial_errors, summarize,
-                                               write_results)
+from ddpm_landmarks.evaluation.metrics import (
+    measurement_scale,
+    radial_errors,
+    summarize,
+    write_results,
+)
 
 
 @dataclass
 class GroundTruth:
-    """What evaluation needs of a sample, without keeping its pixels in memory."""
+    """What evaluation needs of an image: its points, spacing and original grid, no pixels."""
     id: str
     landmarks: np.ndarray                 # (K, 2) original pixels
     spacing_mm: Optional[tuple[float, float]]
-    original_size: tuple[int, int]
+    original_size: Optional[tuple[int, int]]   # None: the stored file is the original grid
 
     @classmethod
     def of(cls, sample: LandmarkSample) -> "GroundTruth":
         return cls(sample.id, sample.landmarks, sample.spacing_mm, sample.original_size)
+
+
+def ground_truths(dataset: LandmarkDataset, indices: Optional[Sequence[int]] = None
+                  ) -> list[GroundTruth]:
+    """Ground truth of `dataset`'s images (all, or those at `indices`) from its records: no
+    image is decoded, except for the size of a file that is its own original grid when the
+    error unit needs it (pixels of a reference grid, "px@WxH")."""
+    records = dataset.records if indices is None else [dataset.records[i] for i in indices]
+    needs_size = dataset.unit not in ("mm", "px")
+    out = []
+    for r in records:
+        size = r.original_size
+        if size is None and needs_size:
+            size = image_size(r.image_path)
+        out.append(GroundTruth(r.id, r.landmarks.copy(), r.spacing_mm, size))
+    return out
 
 
 def sdr_thresholds(dataset: LandmarkDataset, cfg: EvalConfig) -> list[float]:

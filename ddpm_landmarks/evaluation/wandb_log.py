@@ -5,17 +5,10 @@ Offline (a local run under run_dir/wandb/) when there is no API key, like traini
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Optional
 
-from ddpm_landmarks.training.trackers import resolve_wandb_mode
-
-
-def _table(wandb, csv_path: Path):
-    with open(csv_path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    return wandb.Table(columns=rows[0], data=rows[1:])
+from ddpm_landmarks.utils.wandb import csv_table, resolve_wandb_mode
 
 
 def log_evaluation(logger_cfg, run_dir: Path, name: str, summary: dict,
@@ -36,8 +29,8 @@ def log_evaluation(logger_cfg, run_dir: Path, name: str, summary: dict,
                   "n": summary["n"], "missed": summary["missed"]}
         values.update({f"sdr@{t:g}": v for t, v in summary["sdr"].items()})
         run.summary.update({f"eval/{k}": v for k, v in values.items()})
-        run.log({"eval/per_landmark": _table(wandb, out_dir / "per_landmark.csv"),
-                 "eval/predictions": _table(wandb, out_dir / "predictions.csv"),
+        run.log({"eval/per_landmark": csv_table(wandb, out_dir / "per_landmark.csv"),
+                 "eval/predictions": csv_table(wandb, out_dir / "predictions.csv"),
                  "eval/overlays": [wandb.Image(str(p), caption=Path(p).stem)
                                    for p in summary.get("overlays", [])]})
         return run.dir

@@ -22,7 +22,8 @@ from typing import Callable, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpm_landmarks.experiments.grid_config import Cell, Plan, Pretraining, SourceJob
+from ddpm_landmarks.experiments.grid_plan import Cell, Plan
+from ddpm_landmarks.experiments.shared_jobs import Pretraining, SourceJob
 
 PROFILE_STEPS = 2          # timed steps at the job's batch size, after one (counted) warm-up
 _DEFAULT_LANDMARKS = 19
@@ -76,9 +77,9 @@ def profile_step(step: Callable[[], None], device: torch.device, precision: str
 def pretrain_step(job: Pretraining, device: torch.device, batch_size: int
                   ) -> Callable[[], None]:
     """Forward + backward of the method's own loss on one batch."""
-    from ddpm_landmarks.methods import METHODS, SSL_METHODS
+    from ddpm_landmarks.methods.registry import PRETRAINING_METHODS, SSL_METHODS
     cfg = job.config
-    method = METHODS[cfg.method](cfg)
+    method = PRETRAINING_METHODS[cfg.method](cfg)
     model = method.model.to(device)
     size = cfg.data.image_size
     image = torch.zeros(batch_size, 1, size, size, device=device)
@@ -104,7 +105,7 @@ def body_preset(job: Cell | SourceJob) -> str:
 def finetune_step(job: Cell | SourceJob, device: torch.device, batch_size: int
                   ) -> Callable[[], None]:
     """Forward + backward of the regressor of a cell or source job on one batch."""
-    from ddpm_landmarks.models.regressor import build_regressor
+    from ddpm_landmarks.models.registry import build_regressor
     cfg = job.config
     model_cfg = cfg.model
     if job.dependencies or model_cfg.init == "imagenet":

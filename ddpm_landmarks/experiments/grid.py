@@ -14,7 +14,7 @@ Layout of <output_dir>/<name>/:
     report/                      `ddpm-landmarks report` output, refreshed at the end
 
 Restart = run the same command again: finished shared jobs (pretrainings, source
-fine-tunings: grid_jobs.py) and cells (status "done") are skipped; an interrupted one resumes
+fine-tunings: shared_jobs.py) and cells (status "done") are skipped; an interrupted one resumes
 from its last checkpoint (every job runs with train.resume=latest); failed ones are tried
 again. A failing job is recorded with its error and the grid carries on with the cells that do
 not depend on it.
@@ -33,10 +33,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from ddpm_landmarks.config import ConfigError
-from ddpm_landmarks.experiments.grid_config import (Cell, GridConfig, Plan, Pretraining,
-                                                    SourceJob, budget_label, build_plan,
-                                                    plan_summary)
+from ddpm_landmarks.errors import ConfigError
+from ddpm_landmarks.experiments.grid_plan import (
+    Cell,
+    Plan,
+    budget_label,
+    build_plan,
+    plan_summary,
+)
+from ddpm_landmarks.experiments.grid_schema import GridConfig
+from ddpm_landmarks.experiments.shared_jobs import Pretraining, SourceJob
 from ddpm_landmarks.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -162,8 +168,8 @@ def run_evaluation(grid: GridConfig, cell: Cell) -> dict:
     """Evaluate the cell's best model on cell.eval_split; returns its metrics.json."""
     if grid.launcher.kind == "inline":
         def evaluate() -> None:
-            from ddpm_landmarks.evaluation.trained_run import evaluate_run, load_trained_run
             from ddpm_landmarks.evaluation.wandb_log import log_evaluation
+            from ddpm_landmarks.inference.runs import evaluate_run, load_trained_run
             run = load_trained_run(cell.run_dir)
             summary = evaluate_run(run, cell.eval_split)
             log_evaluation(run.cfg.logger, run.run_dir,
@@ -178,8 +184,8 @@ def run_evaluation(grid: GridConfig, cell: Cell) -> dict:
 
 def run_mean_shape_cell(grid: GridConfig, cell: Cell) -> dict:
     """The trivial predictor on the cell's few-shot draw (seconds: always in this process)."""
-    from ddpm_landmarks.cli.mean_shape_command import run_mean_shape
-    from ddpm_landmarks.config import save_config
+    from ddpm_landmarks.config.schema import save_config
+    from ddpm_landmarks.evaluation.mean_shape import run_mean_shape
     save_config(cell.config, cell.run_dir / "config.yaml")
     _inline(lambda: run_mean_shape(cell.config, cell.run_dir, cell.eval_split))
     return json.loads((cell.run_dir / f"eval_{cell.eval_split}" / "metrics.json").read_text())

@@ -3,17 +3,10 @@ grid's training and evaluation runs are in), holding the cells and summary table
 figures. Offline (a local run under report/wandb/) without an API key, like training."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Optional
 
-from ddpm_landmarks.training.trackers import resolve_wandb_mode
-
-
-def _table(wandb, path: Path):
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    return wandb.Table(columns=rows[0], data=rows[1:])
+from ddpm_landmarks.utils.wandb import csv_table, resolve_wandb_mode
 
 
 def log_report(grid: dict, name: str, report_dir: Path, figures: list[Path]) -> Optional[str]:
@@ -28,8 +21,8 @@ def log_report(grid: dict, name: str, report_dir: Path, figures: list[Path]) -> 
                      name=f"{name}-report", group=name, job_type="report",
                      tags=["report"], config={"grid": grid}, reinit="create_new")
     try:
-        run.log({"report/summary": _table(wandb, report_dir / "summary.csv"),
-                 "report/cells": _table(wandb, report_dir / "cells.csv"),
+        run.log({"report/summary": csv_table(wandb, report_dir / "summary.csv"),
+                 "report/cells": csv_table(wandb, report_dir / "cells.csv"),
                  **{f"report/{Path(f).stem}": wandb.Image(str(f)) for f in figures}})
         return run.dir
     finally:

@@ -2,14 +2,15 @@
 
     method = ClassificationMethod(model, classes, class_weights=None, label_smoothing=0.0)
     loss, logs = method.loss(model, batch)        # batch: ClassificationImages items collated
-    validate = make_validator(val_data, method, cfg.eval.batch_size, cfg.eval.monitor)
+    # validation: training/validation.py classification_validator
 
 loss = cross-entropy of the logits (float32) with optional class weights and label smoothing;
 logs the batch accuracy. Validation (main process, eval mode, under the EMA weights when there
 is an EMA) predicts the validation images and returns val/loss (cross-entropy with the class
 weights, no smoothing), val/accuracy, val/balanced_accuracy, val/auc (macro one-vs-rest,
 evaluation/classification_metrics.py) and the lower-is-better value the engine monitors
-(training/classify_config.MONITOR_KEYS: val/loss, val/error, val/balanced_error, val/1-auc).
+(config/classify.MONITOR_KEYS: val/loss, val/error, val/balanced_error, val/1-auc); the
+validator is training/validation.py's classification_validator.
 """
 from __future__ import annotations
 
@@ -22,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ddpm_landmarks.evaluation.classification_metrics import classification_summary
+from ddpm_landmarks.methods.base import Method
 from ddpm_landmarks.models.classifier import save_classifier
-from ddpm_landmarks.training.classify_config import MONITOR_KEYS
 
 
 def class_weights(spec: Union[str, Sequence[float]], labels: Sequence[int],
@@ -48,7 +48,7 @@ def class_weights(spec: Union[str, Sequence[float]], labels: Sequence[int],
     return torch.tensor(weights, dtype=torch.float32)
 
 
-class ClassificationMethod:
+class ClassificationMethod(Method):
     def __init__(self, model: torch.nn.Module, classes: Sequence[str],
                  class_weights: Optional[torch.Tensor] = None, label_smoothing: float = 0.0):
         if not 0.0 <= label_smoothing < 1.0:
@@ -92,29 +92,3 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def make_validator(val_data, method: ClassificationMethod, batch_size: int, monitor: str):
-    """validate(model) -> {"val/loss", "val/accuracy", "val/balanced_accuracy", "val/auc",
-    MONITOR_KEYS[monitor]} on `val_data` (module doc)."""
-    if monitor not in MONITOR_KEYS:
-        raise ValueError(f"eval.monitor: unknown {monitor!r}; valid: {', '.join(MONITOR_KEYS)}")
-    if monitor == "auc" and len(set(val_data.labels)) < 2:
-        raise ValueError("eval.monitor=auc needs validation images of at least 2 classes")
-
-    def validate(model) -> dict:
-        logits, labels = predict_logits(model, val_data, batch_size)
-        weights = method.class_weights
-        loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels),
-                               weight=None if weights is None else weights.double())
-        summary = classification_summary(labels, softmax(logits), method.classes)
-        auc = summary["macro_auc"]
-        values = {"val/loss": float(loss), "val/accuracy": summary["accuracy"],
-                  "val/balanced_accuracy": summary["balanced_accuracy"],
-                  "val/auc": math.nan if auc is None else auc}
-        values["val/error"] = 1.0 - values["val/accuracy"]
-        values["val/balanced_error"] = 1.0 - values["val/balanced_accuracy"]
-        values["val/1-auc"] = 1.0 - values["val/auc"]
-        return values
-
-    return validate

@@ -16,12 +16,14 @@ import yaml
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torchvision.utils import make_grid
 
-from ddpm_landmarks.methods.base import this_process_slice
+from ddpm_landmarks.config.pretrain import DiffusionConfig, ModelConfig
+from ddpm_landmarks.methods.base import Method, this_process_slice
+from ddpm_landmarks.models.artifacts import FORMATS, weights_folder
 from ddpm_landmarks.models.unet import build_unet
-from ddpm_landmarks.training.config import DiffusionConfig, ModelConfig
 from ddpm_landmarks.utils.atomic import atomic_directory
+from ddpm_landmarks.utils.modules import unwrap
 
-CONFIG_NAME = "ddpm_landmarks_config.yaml"
+EXPORT = FORMATS["ddpm_unet"]
 RECON_FRACTIONS = (0.1, 0.4, 0.8)   # of T: t = 50, 200, 400 at the paper's T = 500
 SAMPLE_SEED = 1234                  # fixed, so sample grids are comparable over training
 
@@ -72,17 +74,6 @@ def predict_x0(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare module under DDP (.module) and torch.compile (._orig_mod) wrappers."""
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
-
-
 def _to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
 
@@ -92,12 +83,12 @@ def unet_decoder_features(model: torch.nn.Module, images: torch.Tensor,
                           timestep: int = 0) -> list[torch.Tensor]:
     """The mid block's and every up block's output of a UNet2DModel at `timestep` (0 = clean
     input) (tiny at 64 px: 64@16, 64@32, 64@64, 32@64 channels@side): the hypercolumn of the
-    landmark probe and of the transferability estimate (evaluation/transferability.py). The
+    landmark probe and of the transferability estimate (studies/transferability.py). The
     last features alone (conv_out's input, what fine-tuning's head sees) probe worse than a
     random network's hypercolumn: at t = 0 they only encode noise. A module-level function so
     that a fine-tuned regressor's U-Net (conv_out replaced, time embedding maybe dropped) gives
     the same features."""
-    unet = _unwrap(model)
+    unet = unwrap(model)
     captured: list[torch.Tensor] = []
 
     def keep(_module, _args, output):
@@ -118,7 +109,7 @@ def unet_decoder_features(model: torch.nn.Module, images: torch.Tensor,
 # The method
 # ----------------------------------------------------------------------------------------------
 
-class DDPMMethod:
+class DDPMMethod(Method):
     def __init__(self, cfg: Any):
         """cfg: a PretrainConfig, or anything with .model, .diffusion and .data.image_size."""
         self.model_cfg: ModelConfig = cfg.model
@@ -210,7 +201,7 @@ class DDPMMethod:
         finally:
             model.train(was_training)
 
-    # -- landmark probe (evaluation/probe.py) ------------------------------------------------
+    # -- landmark probe (training/probe.py) ------------------------------------------------
 
     @torch.no_grad()
     def probe_features(self, model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
@@ -220,25 +211,25 @@ class DDPMMethod:
     # -- export -----------------------------------------------------------------------------
 
     def export(self, model: torch.nn.Module, out_dir: Path, config_dict: dict) -> None:
-        """out_dir/{config.json, diffusion_pytorch_model.safetensors, scheduler/, CONFIG_NAME}.
+        """out_dir/{config.json, diffusion_pytorch_model.safetensors, scheduler/,
+        ddpm_landmarks_config.yaml} (models/artifacts.py kind "ddpm_unet").
 
         Written into a temporary folder next to out_dir and renamed into place. A previous export
         is first renamed aside and removed after the swap, so out_dir is, at any moment, the old
         export, the new one, or (between two renames) missing -- never half-written.
         """
         with atomic_directory(out_dir) as tmp:
-            _unwrap(model).save_pretrained(tmp, safe_serialization=True)
+            unwrap(model).save_pretrained(tmp, safe_serialization=True)
             self.scheduler.save_pretrained(tmp / "scheduler")
-            (tmp / CONFIG_NAME).write_text(yaml.safe_dump(config_dict, sort_keys=False))
+            (tmp / EXPORT.config_file).write_text(yaml.safe_dump(config_dict, sort_keys=False))
 
 
 def load_exported(path: str | Path) -> tuple[UNet2DModel, DDPMScheduler, dict]:
-    """(model, scheduler, resolved run config) of a folder written by DDPMMethod.export."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a DDPM export (no config.json)")
+    """(model, scheduler, resolved run config) of a folder written by DDPMMethod.export (or its
+    pretraining run folder)."""
+    path = weights_folder(path, "ddpm_unet", "export")
     model = UNet2DModel.from_pretrained(path)
     scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
-    config_file = path / CONFIG_NAME
+    config_file = path / EXPORT.config_file
     config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
     return model, scheduler, config or {}

@@ -13,12 +13,14 @@ from typing import Optional
 
 import torch
 
-from ddpm_landmarks.evaluation.inference import outputs_to_heatmaps, softmax_region_size
-from ddpm_landmarks.models.regressor import HeatmapRegressor, save_regressor
-from ddpm_landmarks.training.heatmap_losses import heatmap_loss
+from ddpm_landmarks.heatmaps.losses import heatmap_loss
+from ddpm_landmarks.heatmaps.outputs import outputs_to_heatmaps, softmax_region_size
+from ddpm_landmarks.methods.base import Method
+from ddpm_landmarks.models.regressor import HeatmapRegressor
+from ddpm_landmarks.models.saved_regressor import save_regressor
 
 
-class HeatmapRegressionMethod:
+class HeatmapRegressionMethod(Method):
     def __init__(self, model: HeatmapRegressor, loss_cfg, heatmap_cfg=None):
         self.model = model
         self.loss_cfg = loss_cfg

@@ -38,10 +38,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_landmarks.methods.ssl_base import (ContrastiveMethod, build_encoder, fp32,
-                                             frozen_copy, gather_no_grad, launched_processes,
-                                             mlp, momentum_update, pooled, top1, unwrap,
-                                             world)
+from ddpm_landmarks.methods.ssl_base import (
+    ContrastiveMethod,
+    autocast_off,
+    frozen_copy,
+    gather_no_grad,
+    launched_processes,
+    mlp,
+    momentum_update,
+    pooled,
+    process_rank_and_count,
+    top1,
+)
+from ddpm_landmarks.models.encoder_weights import build_smp_encoder
+from ddpm_landmarks.utils.modules import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +114,7 @@ def shuffled_keys(key_fn, x: torch.Tensor, generator: torch.Generator | None) ->
     gather the results and undo the permutation; returns this process's rows. For a per-sample
     key_fn (no BN in train mode) the result equals key_fn(x). One process: key_fn(x).
     """
-    rank, size = world()
+    rank, size = process_rank_and_count()
     if size == 1:
         return key_fn(x)
     b = x.shape[0]
@@ -129,7 +139,7 @@ class MoCoV2Model(nn.Module):
     def __init__(self, encoder: str, in_channels: int, hidden_dim: int, proj_dim: int,
                  queue_size: int, proj_layers: int = 2):
         super().__init__()
-        self.encoder = build_encoder(encoder, in_channels)
+        self.encoder = build_smp_encoder(encoder, in_channels)
         channels = self.encoder.out_channels[-1]
         self.projector = mlp(proj_layers, channels, hidden_dim, proj_dim, batch_norm=False)
         self.key_encoder = frozen_copy(self.encoder)
@@ -181,7 +191,7 @@ class MoCoV2Method(ContrastiveMethod):
             else:
                 k = net.keys(x_k)
         q = model(x_q)
-        with fp32(q.device):
+        with autocast_off(q.device):
             # The queue is cloned: enqueue below writes it in place before the backward pass.
             logits, labels = info_nce_logits(q.float(), k.float(), net.queue.keys.clone(),
                                              self.cfg.temperature)

@@ -34,10 +34,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_landmarks.methods.ssl_base import (ContrastiveMethod, build_encoder, cosine_momentum,
-                                             fp32, frozen_copy, gather_no_grad, maybe_sync_bn,
-                                             mlp, momentum_update, pooled, top1, unwrap, world)
-
+from ddpm_landmarks.methods.ssl_base import (
+    ContrastiveMethod,
+    autocast_off,
+    cosine_momentum,
+    frozen_copy,
+    gather_no_grad,
+    maybe_sync_bn,
+    mlp,
+    momentum_update,
+    pooled,
+    process_rank_and_count,
+    top1,
+)
+from ddpm_landmarks.models.encoder_weights import build_smp_encoder
+from ddpm_landmarks.utils.modules import unwrap
 
 # ----------------------------------------------------------------------------------------------
 # The loss (pure)
@@ -71,7 +82,7 @@ class MoCoV3Model(nn.Module):
     def __init__(self, encoder: str, in_channels: int, hidden_dim: int, proj_dim: int,
                  proj_layers: int = 2):
         super().__init__()
-        self.encoder = build_encoder(encoder, in_channels)
+        self.encoder = build_smp_encoder(encoder, in_channels)
         channels = self.encoder.out_channels[-1]
         self.projector = mlp(proj_layers, channels, hidden_dim, proj_dim, batch_norm=True,
                              last_bn=True)
@@ -118,9 +129,9 @@ class MoCoV3Method(ContrastiveMethod):
         m = self.momentum_at(int(net.step.item()) - 1)      # this optimiser step's momentum
         q1, q2 = model(x1, x2)
         k1, k2 = net.keys(x1), net.keys(x2)
-        rank, _ = world()
+        rank, _ = process_rank_and_count()
         offset = rank * x1.shape[0]
-        with fp32(q1.device):
+        with autocast_off(q1.device):
             k1_all, k2_all = gather_no_grad(k1.float()), gather_no_grad(k2.float())
             logits1, labels = moco_v3_logits(q1.float(), k2_all, self.cfg.temperature, offset)
             logits2, _ = moco_v3_logits(q2.float(), k1_all, self.cfg.temperature, offset)

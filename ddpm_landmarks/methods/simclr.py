@@ -35,10 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_landmarks.methods.ssl_base import (ContrastiveMethod, build_encoder, fp32,
-                                             gather_with_grad, maybe_sync_bn, mlp, pooled, top1,
-                                             world)
-
+from ddpm_landmarks.methods.ssl_base import (
+    ContrastiveMethod,
+    autocast_off,
+    gather_with_grad,
+    maybe_sync_bn,
+    mlp,
+    pooled,
+    process_rank_and_count,
+    top1,
+)
+from ddpm_landmarks.models.encoder_weights import build_smp_encoder
 
 # ----------------------------------------------------------------------------------------------
 # The loss (pure)
@@ -85,7 +92,7 @@ def global_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float
     """(loss, logits, labels) of this process's anchors against the projections of every
     process (gathered with gradient). The mean of the per-process losses is nt_xent_loss of
     the concatenated global batch, and with DDP's gradient average so is the gradient."""
-    rank, _ = world()
+    rank, _ = process_rank_and_count()
     all_z1, all_z2 = gather_with_grad(z1), gather_with_grad(z2)
     logits, labels = nt_xent_logits(z1, z2, temperature, all_z1, all_z2, rank * z1.shape[0])
     return F.cross_entropy(logits, labels), logits, labels
@@ -101,7 +108,7 @@ class SimCLRModel(nn.Module):
     def __init__(self, encoder: str, in_channels: int, hidden_dim: int, proj_dim: int,
                  proj_layers: int = 2):
         super().__init__()
-        self.encoder = build_encoder(encoder, in_channels)
+        self.encoder = build_smp_encoder(encoder, in_channels)
         channels = self.encoder.out_channels[-1]
         self.projector = mlp(proj_layers, channels, hidden_dim, proj_dim, batch_norm=True,
                              last_bn=True)
@@ -123,7 +130,7 @@ class SimCLRMethod(ContrastiveMethod):
         x1, x2 = self.views(batch, model)
         b = x1.shape[0]
         z = model(torch.cat([x1, x2]))          # one pass: BN statistics over both views
-        with fp32(z.device):
+        with autocast_off(z.device):
             z = z.float()
             loss, logits, labels = global_nt_xent(z[:b], z[b:], self.cfg.temperature)
         return loss, {"loss": loss.item(), "top1": top1(logits, labels)}

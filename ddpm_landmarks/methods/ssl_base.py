@@ -1,16 +1,16 @@
 """Pieces shared by the contrastive SSL baselines (simclr.py, moco_v2.py, moco_v3.py).
 
-- the encoder: an smp encoder by name, `get_encoder(name, in_channels=C, depth=5,
-  weights=None)`, whose state_dict is exactly `smp.Unet(name, in_channels=C,
-  encoder_weights=None).encoder`'s; the representation is the global average pool of its
-  deepest feature map;
+- the encoder: an smp encoder by name (models.encoder_weights.build_smp_encoder), whose
+  state_dict is exactly `smp.Unet(name, in_channels=C, encoder_weights=None).encoder`'s; the
+  representation is the global average pool of its deepest feature map;
 - MLP heads (`mlp`), the momentum update (`momentum_update`), the MoCo v3 momentum schedule;
 - cross-process gathers: `gather_with_grad` (SimCLR's negatives: gradients flow back to the
   process that computed them) and `gather_no_grad` (MoCo keys);
 - `ContrastiveMethod`: the engine's Method interface for all three (views in, image grid of the
   views, export of the encoder for fine-tuning).
 
-Export contract (what fine-tuning loads), written atomically into run_dir/export/:
+Export contract (models/artifacts.py kind "ssl_encoder"; what fine-tuning loads, with
+models.encoder_weights.load_ssl_encoder), written atomically into run_dir/export/:
     encoder.safetensors   the ONLINE (query) encoder's state_dict, keys as smp.Unet(...).encoder
     encoder.json          {"format": "ddpm_landmarks.ssl_encoder", "version": 1,
                            "encoder": name, "in_channels": C, "method": "simclr" | ...,
@@ -22,7 +22,6 @@ The encoder saw gray images in [-1, 1] (data.ssl_views) without further normalis
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -31,17 +30,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from ddpm_landmarks.methods.base import Method
+from ddpm_landmarks.models.artifacts import FORMATS, write_meta
+from ddpm_landmarks.models.encoder_weights import smp_encoder_channels
+from ddpm_landmarks.utils.atomic import atomic_directory
+from ddpm_landmarks.utils.modules import unwrap
+
 log = logging.getLogger(__name__)
 
-ENCODER_FORMAT = "ddpm_landmarks.ssl_encoder"
-ENCODER_FORMAT_VERSION = 1
-ENCODER_WEIGHTS = "encoder.safetensors"
-ENCODER_META = "encoder.json"
-EXPORT_CONFIG = "config.yaml"
+EXPORT = FORMATS["ssl_encoder"]
 # The encoder saw the project's [-1, 1] gray images unchanged (models.smp_regressor's "none").
 INPUT_NORM = "none"
 
@@ -49,18 +49,6 @@ INPUT_NORM = "none"
 # ----------------------------------------------------------------------------------------------
 # Encoder and heads
 # ----------------------------------------------------------------------------------------------
-
-def build_encoder(name: str, in_channels: int) -> nn.Module:
-    """The smp encoder `name` at random init (same keys as smp.Unet(name, ...).encoder)."""
-    from segmentation_models_pytorch.encoders import get_encoder
-    return get_encoder(name, in_channels=in_channels, depth=5, weights=None)
-
-
-def encoder_out_channels(name: str, in_channels: int = 1) -> int:
-    """Channels of the deepest feature map of encoder `name` (built on the meta device)."""
-    with torch.device("meta"):
-        return int(build_encoder(name, in_channels).out_channels[-1])
-
 
 def pooled(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Representation: global average pool of the encoder's deepest feature map, (B, C)."""
@@ -72,7 +60,7 @@ def encoder_stage_features(encoder: nn.Module, images: torch.Tensor,
                            in_channels: int) -> list[torch.Tensor]:
     """An smp encoder's five stages (strides 2 to 32) for gray (B, 1, H, W) images, repeated
     to `in_channels` as in pretraining: the hypercolumn of the landmark probe and of the
-    transferability estimate (evaluation/transferability.py)."""
+    transferability estimate (studies/transferability.py)."""
     x = images.to(next(encoder.parameters()).dtype)
     if x.shape[1] == 1 and in_channels != 1:
         x = x.repeat(1, in_channels, 1, 1)
@@ -127,7 +115,7 @@ def cosine_momentum(step: int, total_steps: int, start: float, end: float = 1.0)
 # Processes
 # ----------------------------------------------------------------------------------------------
 
-def world() -> tuple[int, int]:
+def process_rank_and_count() -> tuple[int, int]:
     """(process index, number of processes) of the initialised process group, else (0, 1)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -141,7 +129,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        rank, size = world()
+        rank, size = process_rank_and_count()
         parts = [torch.empty_like(x) for _ in range(size)]
         dist.all_gather(parts, x.contiguous())
         ctx.rank, ctx.n = rank, x.shape[0]
@@ -158,7 +146,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """(N * b, ...) = every process's x in process order; gradients reach each process's own
     block (see _GatherWithGrad). One process: x itself. Every process must call it with the
     same shape."""
-    if world()[1] == 1:
+    if process_rank_and_count()[1] == 1:
         return x
     return _GatherWithGrad.apply(x)
 
@@ -166,7 +154,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """(N * b, ...) = every process's x in process order, detached. One process: x."""
-    rank, size = world()
+    rank, size = process_rank_and_count()
     if size == 1:
         return x.detach()
     parts = [torch.empty_like(x) for _ in range(size)]
@@ -220,28 +208,9 @@ class OptimizerStepStart:
         return starts
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare module under DDP (.module) and torch.compile (._orig_mod) wrappers."""
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
-class fp32:
-    """Context: no autocast (contrastive logits in float32 under bf16 / fp16 training)."""
-
-    def __init__(self, device: torch.device):
-        self.ctx = torch.autocast(device_type=device.type, enabled=False)
-
-    def __enter__(self):
-        return self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc)
+def autocast_off(device: torch.device) -> torch.autocast:
+    """Context without autocast: contrastive logits in float32 under bf16 / fp16 training."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -253,7 +222,7 @@ def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
 # The method base
 # ----------------------------------------------------------------------------------------------
 
-class ContrastiveMethod:
+class ContrastiveMethod(Method):
     """Engine Method (methods.base) for the two-view contrastive baselines.
 
     Subclasses set `name`, build `self.model` in `build_model()` (an nn.Module whose `encoder`
@@ -264,8 +233,8 @@ class ContrastiveMethod:
 
     def __init__(self, cfg: Any):
         """cfg: a PretrainConfig (its ssl, train and data sections)."""
-        from ddpm_landmarks.training.config import resolve_ssl_config
-        channels = encoder_out_channels(cfg.ssl.encoder, cfg.ssl.in_channels)
+        from ddpm_landmarks.config.pretrain import resolve_ssl_config
+        channels = smp_encoder_channels(cfg.ssl.encoder, cfg.ssl.in_channels)
         self.cfg = resolve_ssl_config(self.name, cfg.ssl, channels)
         self.encoder_channels = channels
         self.image_size = cfg.data.image_size
@@ -309,7 +278,7 @@ class ContrastiveMethod:
         two = (batch["view2"][:n].float().cpu().clamp(-1, 1) + 1) / 2
         return {"views": make_grid(torch.cat([one, two]), nrow=n, padding=2, pad_value=1.0)}
 
-    # -- landmark probe (evaluation/probe.py) ------------------------------------------------
+    # -- landmark probe (training/probe.py) ------------------------------------------------
 
     @torch.no_grad()
     def probe_features(self, model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
@@ -321,36 +290,11 @@ class ContrastiveMethod:
     def export(self, model: nn.Module, out_dir: Path, config_dict: dict) -> None:
         """out_dir/{encoder.safetensors, encoder.json, config.yaml}, atomically (see module)."""
         from safetensors.torch import save_file
-        from ddpm_landmarks.utils.atomic import atomic_directory
         encoder = unwrap(model).encoder
         state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-        meta = {"format": ENCODER_FORMAT, "version": ENCODER_FORMAT_VERSION,
-                "encoder": self.cfg.encoder, "in_channels": self.cfg.in_channels,
+        meta = {"encoder": self.cfg.encoder, "in_channels": self.cfg.in_channels,
                 "method": self.name, "input_norm": INPUT_NORM}
         with atomic_directory(out_dir) as tmp:
-            save_file(state, str(tmp / ENCODER_WEIGHTS), metadata={"format": "pt"})
-            (tmp / ENCODER_META).write_text(json.dumps(meta, indent=2) + "\n")
-            (tmp / EXPORT_CONFIG).write_text(yaml.safe_dump(config_dict, sort_keys=False))
-
-
-def read_encoder_meta(path: str | Path) -> dict:
-    """encoder.json of an SSL export folder, checked (format and version)."""
-    meta_file = Path(path) / ENCODER_META
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{path} is not an SSL encoder export (no {ENCODER_META})")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != ENCODER_FORMAT or meta.get("version") != ENCODER_FORMAT_VERSION:
-        raise ValueError(f"{meta_file}: format {meta.get('format')!r} version "
-                         f"{meta.get('version')!r}, expected {ENCODER_FORMAT!r} version "
-                         f"{ENCODER_FORMAT_VERSION}")
-    return meta
-
-
-def load_ssl_encoder(path: str | Path) -> tuple[nn.Module, dict]:
-    """(smp encoder with the exported weights, encoder.json) of an SSL export folder."""
-    from safetensors.torch import load_file
-    meta = read_encoder_meta(path)
-    encoder = build_encoder(meta["encoder"], int(meta["in_channels"]))
-    # nn.Module.load_state_dict: smp encoders override it (silently dropping "fc." keys).
-    nn.Module.load_state_dict(encoder, load_file(str(Path(path) / ENCODER_WEIGHTS)), strict=True)
-    return encoder, meta
+            save_file(state, str(tmp / EXPORT.weights_file), metadata={"format": "pt"})
+            write_meta(tmp, "ssl_encoder", meta)
+            (tmp / EXPORT.config_file).write_text(yaml.safe_dump(config_dict, sort_keys=False))

@@ -22,7 +22,7 @@ load under the same strict rules, and then cut down to its encoder:
                           file / folder `imagenet_weights`).
   smp + scratch           the smp encoder at random init.
   <either> + regressor    a FINE-TUNED landmark regressor (a fine-tuning run folder, its best/
-                          or export/; models.regressor.load_regressor): its encoder half, its
+                          or export/; models.saved_regressor.load_regressor): its encoder half, its
                           gray adapter / time mode. `model.arch` must match the regressor's.
 The smp encoders see gray images through `gray_adapter` (repeat / in_channels / colorize) and
 `input_norm` exactly as in fine-tuning (SmpRegressor.encoder_input).
@@ -43,43 +43,31 @@ colouriser, which is new) at optim.head_lr.
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import yaml
+from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ddpm_landmarks.config.classify import ClassifierConfig
+from ddpm_landmarks.config.finetune import RegressorConfig
+from ddpm_landmarks.models.artifacts import (
+    FORMATS,
+    read_meta,
+    weights_folder,
+    write_meta,
+)
+from ddpm_landmarks.models.regressor import HeatmapRegressor, build_ddpm_regressor
+from ddpm_landmarks.models.saved_regressor import load_regressor
+from ddpm_landmarks.models.smp_regressor import SmpRegressor, build_smp_regressor
 from ddpm_landmarks.utils.atomic import atomic_directory
+from ddpm_landmarks.utils.modules import unwrap
 
-WEIGHTS_NAME = "classifier.safetensors"
-META_NAME = "classifier.json"
-CONFIG_NAME = "config.yaml"
-FORMAT = "ddpm_landmarks.classifier"
+FORMAT = FORMATS["classifier"]
 HEAD_INIT_STD = 1e-3
-
-
-@dataclass
-class ClassifierConfig:
-    arch: Literal["ddpm_unet", "smp"] = "ddpm_unet"
-    init: Literal["pretrained", "scratch", "imagenet", "regressor"] = "pretrained"
-    # DDPM export/ (ddpm_unet), SSL export/ (smp), a fine-tuning run / its best/ (regressor)
-    pretrained_path: str = ""
-    preset: str = "tiny"                # ddpm_unet scratch without pretrained_path
-    timestep_mode: Literal["fixed", "drop"] = "fixed"
-    timestep: int = 0
-    encoder: str = "resnet18"           # smp encoder name
-    imagenet_weights: str = ""          # init=imagenet offline: state-dict file / folder
-    gray_adapter: Literal["repeat", "in_channels", "colorize"] = "repeat"
-    input_norm: Literal["auto", "imagenet", "none"] = "auto"
-    freeze: Literal["none", "encoder"] = "none"
-    head: Literal["linear", "mlp"] = "linear"
-    hidden_dim: int = 256               # mlp head
-    dropout: float = 0.0
-    feature_norm: bool = True           # BatchNorm1d (no affine) on the pooled features
 
 
 # ---------------------------------------------------------------------- encoders
@@ -148,7 +136,6 @@ class SmpEncoder(nn.Module):
 
 
 def _regressor_cfg(cfg: ClassifierConfig, arch: str):
-    from ddpm_landmarks.models.regressor import RegressorConfig
     return RegressorConfig(arch=arch, init=cfg.init, pretrained_path=cfg.pretrained_path,
                            preset=cfg.preset, timestep_mode=cfg.timestep_mode,
                            timestep=cfg.timestep, encoder=cfg.encoder,
@@ -157,13 +144,10 @@ def _regressor_cfg(cfg: ClassifierConfig, arch: str):
 
 
 def _from_finetuned(cfg: ClassifierConfig) -> nn.Module:
-    from ddpm_landmarks.evaluation.trained_run import resolve_weights
-    from ddpm_landmarks.models.regressor import HeatmapRegressor, load_regressor
-    path = Path(cfg.pretrained_path)
     if not cfg.pretrained_path:
         raise ValueError("init='regressor' needs pretrained_path (a fine-tuning run folder, "
                          "or its best/ or export/)")
-    folder = path if (path / "regressor.json").is_file() else resolve_weights(path, "best")
+    folder = weights_folder(cfg.pretrained_path, "regressor", "best", "model.pretrained_path")
     regressor = load_regressor(folder)
     kind = "ddpm_unet" if isinstance(regressor, HeatmapRegressor) else "smp"
     if kind != cfg.arch:
@@ -189,10 +173,8 @@ def build_encoder(cfg: ClassifierConfig, image_size: int) -> nn.Module:
     if cfg.init == "regressor":
         return _from_finetuned(cfg)
     if cfg.arch == "ddpm_unet":
-        from ddpm_landmarks.models.regressor import build_ddpm_regressor
         return DDPMEncoder(build_ddpm_regressor(_regressor_cfg(cfg, "ddpm_unet"), 1, image_size))
     if cfg.arch == "smp":
-        from ddpm_landmarks.models.smp_regressor import build_smp_regressor
         return SmpEncoder(build_smp_regressor(_regressor_cfg(cfg, "smp_unet"), 1, image_size))
     raise ValueError(f"unknown classifier arch {cfg.arch!r}; valid: ddpm_unet, smp")
 
@@ -256,17 +238,12 @@ def build_classifier(cfg: ClassifierConfig, num_classes: int, image_size: int) -
 
 
 # ---------------------------------------------------------------------- save / load
-def _unwrap(model: nn.Module) -> nn.Module:
-    from ddpm_landmarks.models.regressor import _unwrap as unwrap_wrappers
-    return unwrap_wrappers(model)
-
-
 def save_classifier(model: nn.Module, out_dir: str | Path, classes: Sequence[str],
                     config: Optional[dict] = None) -> None:
     """out_dir/{classifier.safetensors, classifier.json[, config.yaml]}, atomically. The json
     holds the classes (index order of the logits) and what rebuilds the architecture without
     the pretrained files."""
-    model = _unwrap(model)
+    model = unwrap(model)
     if len(classes) != model.num_classes:
         raise ValueError(f"{len(classes)} class names for {model.num_classes} outputs")
     body = model.body
@@ -275,29 +252,21 @@ def save_classifier(model: nn.Module, out_dir: str | Path, classes: Sequence[str
                 "timestep_mode": body.timestep_mode, "timestep": body.timestep}
     else:
         arch = {"kind": "smp", "regressor": dataclasses.asdict(body.regressor.cfg)}
-    meta = {"format": FORMAT, "version": 1, "classifier": dataclasses.asdict(model.cfg),
+    meta = {"classifier": dataclasses.asdict(model.cfg),
             "classes": [str(c) for c in classes], "encoder": arch}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_directory(out_dir) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
+        save_file(state, str(tmp / FORMAT.weights_file), metadata={"format": FORMAT.format})
+        write_meta(tmp, "classifier", meta)
         if config is not None:
-            (tmp / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
+            (tmp / FORMAT.config_file).write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def load_classifier(out_dir: str | Path, map_location: str | torch.device = "cpu"
                     ) -> tuple[ImageClassifier, list[str]]:
     """(model, classes) of a folder written by save_classifier; loaded strictly."""
-    from diffusers import UNet2DModel
-
-    from ddpm_landmarks.models.regressor import HeatmapRegressor, RegressorConfig
     out_dir = Path(out_dir)
-    meta_file = out_dir / META_NAME
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{out_dir} is not a saved classifier (no {META_NAME})")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r}")
+    meta = read_meta(out_dir, "classifier", "saved classifier")
     names = {f.name for f in dataclasses.fields(ClassifierConfig)}
     cfg = ClassifierConfig(**{k: v for k, v in meta["classifier"].items() if k in names})
     arch = meta["encoder"]
@@ -306,11 +275,10 @@ def load_classifier(out_dir: str | Path, map_location: str | torch.device = "cpu
         body = DDPMEncoder(HeatmapRegressor(UNet2DModel.from_config(arch["unet_config"]),
                                             reg_cfg, 1))
     else:
-        from ddpm_landmarks.models.smp_regressor import SmpRegressor
         fields = {f.name for f in dataclasses.fields(RegressorConfig)}
         reg_cfg = RegressorConfig(**{k: v for k, v in arch["regressor"].items() if k in fields})
         body = SmpEncoder(SmpRegressor(reg_cfg, 1))
     classes = list(meta["classes"])
     model = ImageClassifier(body, cfg, len(classes))
-    model.load_state_dict(load_file(str(out_dir / WEIGHTS_NAME), device="cpu"), strict=True)
+    model.load_state_dict(load_file(str(out_dir / FORMAT.weights_file), device="cpu"), strict=True)
     return model.to(map_location), classes

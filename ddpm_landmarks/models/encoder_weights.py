@@ -1,18 +1,19 @@
-"""Encoder weight files: ImageNet checkpoints given by path (offline clusters) and SSL exports.
+"""smp encoders and their weight files: ImageNet checkpoints given by path (offline clusters)
+and SSL exports.
 
+    encoder = build_smp_encoder("resnet18", in_channels=1)                     # random init
     file = load_encoder_file(model.encoder, "weights/resnet18.pth", "resnet18")   # in place
-    folder = resolve_ssl_export("runs/simclr_isbi/export"); meta = read_ssl_meta(folder)
+    encoder, meta = load_ssl_encoder("runs/simclr_isbi/export")
 
 A wrong file is an error naming the file and the first missing / unexpected / mis-shaped keys,
 never a silent partial load. The SSL export contract (written by methods.ssl_base):
 encoder.safetensors = `smp.Unet(name, in_channels=C, encoder_weights=None).encoder.state_dict()`
-and encoder.json = {"format": SSL_FORMAT, "version": 1, "encoder": name, "in_channels": C,
-"method": ...}. A 3-channel first conv (ImageNet file, or an SSL export with C = 3) loaded into
+and encoder.json = {"format": "ddpm_landmarks.ssl_encoder", "version": 1, "encoder": name,
+"in_channels": C, "method": ...} (models/artifacts.py, kind "ssl_encoder"). A 3-channel first conv (ImageNet file, or an SSL export with C = 3) loaded into
 a 1-channel encoder is summed over RGB (sum_rgb_first_conv, smp's rule).
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-SSL_FORMAT = "ddpm_landmarks.ssl_encoder"
-SSL_WEIGHTS = "encoder.safetensors"
-SSL_META = "encoder.json"
+from ddpm_landmarks.models.artifacts import FORMATS, read_meta, weights_folder
+
+SSL_EXPORT = FORMATS["ssl_encoder"]
 # Files a weights folder is searched for, in this order; else its only weight file.
 WEIGHT_FILE_NAMES = ("model.safetensors", "encoder.safetensors", "pytorch_model.bin", "model.pth",
                      "model.pt")
@@ -174,31 +175,30 @@ def load_encoder_file(encoder: nn.Module, path: str | Path, encoder_name: str,
     return file
 
 
-def resolve_ssl_export(path: str | Path) -> Path:
-    folder = Path(path)
-    if str(path) and not (folder / SSL_META).is_file() and (folder / "export" / SSL_META).is_file():
-        folder = folder / "export"                      # the pretraining run folder
-    if not str(path) or not (folder / SSL_META).is_file():
-        hint = (" (it is a DDPM export: use model.arch=ddpm_unet)"
-                if str(path) and (folder / "config.json").is_file() else "")
-        raise FileNotFoundError(f"pretrained_path {str(path)!r} is not an SSL encoder export "
-                                f"(expected {folder / SSL_META} and {folder / SSL_WEIGHTS}){hint}")
-    return folder
+def build_smp_encoder(name: str, in_channels: int) -> nn.Module:
+    """The smp encoder `name` at random init (same keys as smp.Unet(name, ...).encoder)."""
+    from segmentation_models_pytorch.encoders import get_encoder
+    return get_encoder(name, in_channels=in_channels, depth=5, weights=None)
 
 
-def read_ssl_meta(folder: Path) -> dict:
-    meta_file = folder / SSL_META
-    try:
-        meta = json.loads(meta_file.read_text())
-    except ValueError as err:
-        raise ValueError(f"{meta_file}: not JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != SSL_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise ValueError(f"{meta_file}: format {found!r}, expected {SSL_FORMAT!r}")
-    if meta.get("version") != 1:
-        raise ValueError(f"{meta_file}: unsupported version {meta.get('version')!r} (this code "
-                         f"reads version 1)")
-    for key in ("encoder", "in_channels"):
-        if key not in meta:
-            raise ValueError(f"{meta_file}: no {key!r}")
-    return meta
+def smp_encoder_channels(name: str, in_channels: int = 1) -> int:
+    """Channels of the deepest feature map of encoder `name` (built on the meta device)."""
+    with torch.device("meta"):
+        return int(build_smp_encoder(name, in_channels).out_channels[-1])
+
+
+def resolve_ssl_export(path: str | Path) -> tuple[Path, dict]:
+    """(folder, encoder.json) of an SSL export given as the export folder or its pretraining run
+    folder; an error saying what the path is otherwise."""
+    folder = weights_folder(path, "ssl_encoder", "export", "model.pretrained_path")
+    return folder, read_meta(folder, "ssl_encoder", "model.pretrained_path")
+
+
+def load_ssl_encoder(path: str | Path) -> tuple[nn.Module, dict]:
+    """(smp encoder with the exported weights, encoder.json) of an SSL export folder."""
+    folder, meta = resolve_ssl_export(path)
+    encoder = build_smp_encoder(meta["encoder"], int(meta["in_channels"]))
+    # nn.Module.load_state_dict: smp encoders override it (silently dropping "fc." keys).
+    nn.Module.load_state_dict(encoder, load_file(str(folder / SSL_EXPORT.weights_file)),
+                              strict=True)
+    return encoder, meta

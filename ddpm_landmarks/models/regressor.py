@@ -1,10 +1,10 @@
 """The pretrained DDPM U-Net fine-tuned as a K-channel landmark heatmap regressor.
 
     cfg = RegressorConfig(init="pretrained", pretrained_path="runs/pretrain/export")
-    model = build_regressor(cfg, num_landmarks=19, image_size=256)
+    model = build_regressor(cfg, num_landmarks=19, image_size=256)      # models.registry
     heatmaps = model(images)                  # (B, 1, H, W) in [-1, 1] -> (B, K, H, W), raw values
     opt = torch.optim.AdamW(param_groups(model, body_lr=1e-4, head_lr=1e-3, weight_decay=1e-4))
-    save_regressor(model, "out/model"); model = load_regressor("out/model")
+    save_regressor(model, "out/model"); model = load_regressor("out/model")  # saved_regressor
 
 Head. `unet.conv_out` (GroupNorm-SiLU'd last decoder features -> 1 channel) is replaced by a new
 head with K outputs: "conv1x1" = Conv2d(C, K, 1); "small" = Conv2d(C, C, 3) + GroupNorm + SiLU +
@@ -37,62 +37,29 @@ Architectures (`model.arch`, the ARCHS registry): "ddpm_unet" (this module, the 
 "smp_unet" / "smp_unetplusplus" (segmentation-models-pytorch encoder-decoder baselines with
 ImageNet / SSL / scratch encoders: models/smp_regressor.py). Both kinds of model expose `cfg`,
 `num_landmarks`, `head` (the K-channel output conv) and `head_parameters()` (what trains at
-optim.head_lr), take (B, 1, H, W) images in [-1, 1] and are saved / loaded by the functions here.
-`model.init=regressor` (any arch) starts from such a saved regressor of another dataset: its body,
-a new head for this dataset's landmarks (models/regressor_init.py).
+optim.head_lr), take (B, 1, H, W) images in [-1, 1] and are saved / loaded by
+models/saved_regressor.py. `model.init=regressor` (any arch) starts from such a saved regressor
+of another dataset: its body, a new head for this dataset's landmarks (models/transfer_init.py).
+models/registry.py maps `model.arch` to its builder.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import shutil
-import tempfile
-import uuid
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
-import yaml
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.resnet import ResnetBlock2D
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ddpm_landmarks.config.finetune import RegressorConfig
+from ddpm_landmarks.config.pretrain import ModelConfig
+from ddpm_landmarks.models.artifacts import ArtifactError, read_meta
 from ddpm_landmarks.models.unet import build_unet
-from ddpm_landmarks.training.config import ModelConfig
+from ddpm_landmarks.utils.modules import unwrap
 
-WEIGHTS_NAME = "regressor.safetensors"
-META_NAME = "regressor.json"
-CONFIG_NAME = "config.yaml"
-FORMAT = "ddpm_landmarks.regressor"
 HEAD_INIT_STD = 1e-3
-
-
-@dataclass
-class RegressorConfig:
-    # ddpm_unet: the DDPM U-Net of this module; smp_unet / smp_unetplusplus: smp baselines
-    arch: Literal["ddpm_unet", "smp_unet", "smp_unetplusplus"] = "ddpm_unet"
-    # pretrained: pretrained_path (DDPM export, or an SSL encoder export for smp archs);
-    # scratch: random init; imagenet: smp archs only (imagenet_weights, else smp's download);
-    # regressor: the body of a landmark regressor of another dataset (models/regressor_init.py)
-    init: Literal["pretrained", "scratch", "imagenet", "regressor"] = "pretrained"
-    # a pretraining run's export/ folder, or for init=regressor a fine-tuning run's best/ or
-    # export/ ("" = none: scratch only)
-    pretrained_path: str = ""
-    preset: str = "tiny"                # scratch without pretrained_path: ddpm_landmarks.models.unet
-    timestep_mode: Literal["fixed", "drop"] = "fixed"
-    timestep: int = 0
-    noise_input: bool = False           # needs the exported scheduler (pretrained_path/scheduler)
-    freeze: Literal["none", "encoder", "unet"] = "none"
-    head: Literal["conv1x1", "small"] = "conv1x1"
-    # smp archs only (models/smp_regressor.py):
-    encoder: str = "resnet18"           # smp encoder name (resnet50, densenet161, vgg19, tu-...)
-    imagenet_weights: str = ""          # init=imagenet offline: encoder state-dict file / folder
-    gray_adapter: Literal["repeat", "in_channels", "colorize"] = "repeat"
-    input_norm: Literal["auto", "imagenet", "none"] = "auto"   # encoder input normalisation
 
 
 class _NoTimeEmbedding(nn.Module):
@@ -112,17 +79,6 @@ def _make_head(kind: str, channels: int, num_landmarks: int, groups: int) -> nn.
         return nn.Sequential(nn.Conv2d(channels, channels, kernel_size=3, padding=1),
                              nn.GroupNorm(groups, channels), nn.SiLU(), last)
     raise ValueError(f"unknown regressor head {kind!r}; valid: conv1x1, small")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The bare module under DDP (.module) and torch.compile (._orig_mod) wrappers."""
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 class HeatmapRegressor(nn.Module):
@@ -211,8 +167,8 @@ def param_groups(model: nn.Module, body_lr: float, head_lr: float,
     """AdamW groups: body / head (the model's head_parameters(): the new parameters), each split
     into decayed (ndim > 1) and not decayed (biases, norms); frozen parameters left out, empty
     groups dropped. Each group has a "name"."""
-    model = _unwrap(model)
-    new = model.head_parameters() if hasattr(model, "head_parameters") else model.head.parameters()
+    model = unwrap(model)
+    new = model.head_parameters()          # every regressor and classifier has it
     head_ids = {id(p) for p in new}
     groups: dict[str, dict[str, Any]] = {
         "body": {"params": [], "lr": body_lr, "weight_decay": weight_decay},
@@ -228,40 +184,22 @@ def param_groups(model: nn.Module, body_lr: float, head_lr: float,
     return [{"name": k, **g} for k, g in groups.items() if g["params"]]
 
 
-def _check_export(path: Path) -> None:
-    if not str(path) or not (path / "config.json").is_file():
-        hint = (" (it is an SSL encoder export: use model.arch=smp_unet with the same encoder)"
-                if str(path) and (path / "encoder.json").is_file() else "")
-        raise FileNotFoundError(f"pretrained_path {str(path)!r} is not a DDPM export folder "
-                                f"(expected {path / 'config.json'}; pass a pretraining run's "
-                                f"export/ folder){hint}")
-
-
 def _check_scratch_architecture(path: Path, preset: str) -> None:
     """init=scratch reads no weights: pretrained_path only names a DDPM export whose
     architecture to copy (the fair scratch baseline of that pretraining). Anything else there
     is an error that says how to build the preset instead."""
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+    try:
+        read_meta(path, "ddpm_unet", "model.pretrained_path")
+    except ArtifactError as err:
+        raise ArtifactError(
             f"init=scratch copies the architecture of model.pretrained_path when it is a DDPM "
-            f"export, but {str(path)!r} is not one (no {path / 'config.json'}). For a scratch "
-            f"model of model.preset={preset!r} set model.pretrained_path='' (no weights are read "
-            f"for init=scratch), or pretrain first to copy that run's architecture")
+            f"export, but {err}. For a scratch model of model.preset={preset!r} set "
+            f"model.pretrained_path='' (no weights are read for init=scratch), or pretrain first "
+            f"to copy that run's architecture") from None
 
 
 def _levels_factor(unet_config: Any) -> int:
     return 2 ** (len(unet_config["block_out_channels"]) - 1)
-
-
-def build_regressor(cfg: RegressorConfig, num_landmarks: int, image_size: int) -> nn.Module:
-    """The regressor of cfg.arch (ARCHS) at cfg.init."""
-    builder = ARCHS.get(cfg.arch)
-    if builder is None:
-        raise ValueError(f"unknown arch {cfg.arch!r}; valid: {', '.join(ARCHS)}")
-    if cfg.init == "regressor":
-        from ddpm_landmarks.models.regressor_init import build_from_regressor
-        return build_from_regressor(cfg, num_landmarks, image_size)
-    return builder(cfg, num_landmarks, image_size)
 
 
 def check_unet_size(unet: UNet2DModel, image_size: int) -> None:
@@ -288,7 +226,7 @@ def build_ddpm_regressor(cfg: RegressorConfig, num_landmarks: int,
     if cfg.init == "pretrained":
         if path is None:
             raise ValueError("init='pretrained' needs pretrained_path (a pretraining export/)")
-        _check_export(path)
+        read_meta(path, "ddpm_unet", "model.pretrained_path")
         unet = UNet2DModel.from_pretrained(path)
     elif cfg.init == "scratch":
         if path is not None:
@@ -311,69 +249,3 @@ def build_ddpm_regressor(cfg: RegressorConfig, num_landmarks: int,
                                     f"{sched_dir} (pretrained_path/scheduler)")
         alphas = DDPMScheduler.from_pretrained(sched_dir).alphas_cumprod
     return HeatmapRegressor(unet, cfg, num_landmarks, alphas)
-
-
-def _build_smp(cfg: RegressorConfig, num_landmarks: int, image_size: int) -> nn.Module:
-    from ddpm_landmarks.models.smp_regressor import build_smp_regressor
-    return build_smp_regressor(cfg, num_landmarks, image_size)
-
-
-# model.arch -> builder(cfg, num_landmarks, image_size); smp is imported only when used.
-ARCHS = {"ddpm_unet": build_ddpm_regressor, "smp_unet": _build_smp,
-         "smp_unetplusplus": _build_smp}
-
-
-def _unet_config(unet: UNet2DModel) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v)
-            for k, v in dict(unet.config).items() if not k.startswith("_")}
-
-
-def save_regressor(model: nn.Module, out_dir: str | Path, config: Optional[dict] = None) -> None:
-    """out_dir/{regressor.safetensors, regressor.json[, config.yaml]}, written into a temp folder
-    and renamed into place (a previous out_dir is moved aside, then removed). `config` is the
-    run's resolved config, kept next to the weights that it produced."""
-    model = _unwrap(model)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
-        meta = {"format": FORMAT, "version": 1, "regressor": dataclasses.asdict(model.cfg),
-                "num_landmarks": model.num_landmarks}
-        if isinstance(model, HeatmapRegressor):
-            meta["unet_config"] = _unet_config(model.unet)
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
-        if config is not None:
-            (tmp / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load_regressor(out_dir: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a regressor written by save_regressor (no pretraining run, ImageNet file or SSL
-    export needed: the architecture is rebuilt at random init, then the saved weights)."""
-    from ddpm_landmarks.models.regressor_init import read_saved_regressor
-    out_dir = Path(out_dir)
-    meta, cfg = read_saved_regressor(out_dir)
-    state = load_file(str(out_dir / WEIGHTS_NAME), device=str(map_location))
-    if cfg.arch != "ddpm_unet":
-        from ddpm_landmarks.models.smp_regressor import SmpRegressor
-        model = SmpRegressor(cfg, int(meta["num_landmarks"]))
-        model.load_state_dict(state, strict=True)
-        return model.to(map_location)
-    unet = UNet2DModel.from_config(meta["unet_config"])
-    model = HeatmapRegressor(unet, cfg, int(meta["num_landmarks"]), state.get("alphas_cumprod"))
-    model.load_state_dict(state, strict=True)
-    return model.to(map_location)

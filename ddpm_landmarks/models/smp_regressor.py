@@ -62,11 +62,11 @@ Initialisation (`model.init`):
                 first conv summed over RGB for "in_channels" (the ImageNet-file rule above); a
                 1-channel export loads only with "in_channels".
   "regressor":  a saved smp regressor of another dataset: all but its segmentation head
-                (models/regressor_init.py).
+                (models/transfer_init.py).
 
 Learning rates (`param_groups` in models.regressor): "body" = the encoder at optim.lr; the
 decoder, segmentation head and colouriser are new parameters at optim.head_lr (init=regressor,
-models/regressor_init.py: only the segmentation head is new). The split is the
+models/transfer_init.py: only the segmentation head is new). The split is the
 same for scratch (as for the DDPM scratch baseline, whose random body also runs at optim.lr): set
 optim.lr = optim.head_lr for one learning rate.
 
@@ -89,9 +89,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ddpm_landmarks.models.encoder_weights import (SSL_META, SSL_WEIGHTS, check_state,
-                                                   load_encoder_file, read_ssl_meta,
-                                                   resolve_ssl_export, sum_rgb_first_conv)
+from ddpm_landmarks.models.encoder_weights import (
+    SSL_EXPORT,
+    check_state,
+    load_encoder_file,
+    resolve_ssl_export,
+    sum_rgb_first_conv,
+)
 
 SMP_ARCHS = ("smp_unet", "smp_unetplusplus")
 GRAY_ADAPTERS = ("repeat", "in_channels", "colorize")
@@ -299,21 +303,20 @@ def load_ssl_export(model: SmpRegressor, path: str | Path) -> dict:
     """Strictly load an SSL export's encoder into `model` (module doc, init "pretrained");
     returns its encoder.json."""
     cfg = model.cfg
-    folder = resolve_ssl_export(path)
-    meta = read_ssl_meta(folder)
+    folder, meta = resolve_ssl_export(path)
     if meta["encoder"] != cfg.encoder:
-        raise ValueError(f"{folder / SSL_META}: the SSL encoder is {meta['encoder']!r} but "
+        raise ValueError(f"{folder / SSL_EXPORT.meta_file}: the SSL encoder is {meta['encoder']!r} but "
                          f"model.encoder={cfg.encoder!r}; set model.encoder={meta['encoder']}")
     exported = meta["in_channels"]
     if exported not in (1, 3) or isinstance(exported, bool):
-        raise ValueError(f"{folder / SSL_META}: in_channels must be 1 or 3, got {exported!r}")
+        raise ValueError(f"{folder / SSL_EXPORT.meta_file}: in_channels must be 1 or 3, got {exported!r}")
     if exported == 1 and model.in_channels != 1:
         # A gray first conv cannot be split into RGB kernels without inventing weights.
-        raise ValueError(f"{folder / SSL_META}: the SSL encoder takes in_channels=1 but "
+        raise ValueError(f"{folder / SSL_EXPORT.meta_file}: the SSL encoder takes in_channels=1 but "
                          f"model.gray_adapter={cfg.gray_adapter!r} feeds it "
                          f"{model.in_channels}; set model.gray_adapter=in_channels (or pretrain "
                          f"with ssl.in_channels=3 for repeat / colorize)")
-    weights = folder / SSL_WEIGHTS
+    weights = folder / SSL_EXPORT.weights_file
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing (SSL export without encoder weights)")
     state = load_file(str(weights), device="cpu")
@@ -381,7 +384,7 @@ def build_smp_regressor(cfg, num_landmarks: int, image_size: int) -> SmpRegresso
                 norm = str(meta.get("input_norm", "none"))
                 if norm not in ("imagenet", "none"):
                     raise ValueError(f"{cfg.pretrained_path}: unknown input_norm {norm!r} in "
-                                     f"{SSL_META} (imagenet | none)")
+                                     f"{SSL_EXPORT.meta_file} (imagenet | none)")
     if norm == "auto":
         norm = "imagenet" if cfg.init == "imagenet" else "none"
     if norm == "imagenet":

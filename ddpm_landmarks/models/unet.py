@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
-from ddpm_landmarks.training.config import ModelConfig
+from ddpm_landmarks.config.pretrain import ModelConfig
 
 
 def _blocks(num_levels: int, attn_levels: set[int]) -> dict[str, Any]:

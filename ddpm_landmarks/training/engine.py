@@ -9,9 +9,9 @@ Everything is counted in OPTIMISER steps (cfg.max_steps, log/image/checkpoint in
 LR schedule, the EMA); one optimiser step = grad_accum micro-batches on every process.
 Resuming restores weights, EMA, optimiser, schedule, RNG and the position in the data: the
 shuffle order of an epoch depends only on (seed, epoch), and the batches of the interrupted
-epoch that were already used are skipped. A custom `sampler` must keep that property; if it
-has `set_step_layout` it is told, before each epoch, how its positions map to optimiser steps,
-and its `scalars(step)` are logged (data/curriculum.py's staged sampler uses both).
+epoch that were already used are skipped. A custom `sampler` (data/samplers.EpochSampler) must
+keep that property; before each epoch it is told how its positions map to optimiser steps, and
+its `scalars(step)` are logged (data/curriculum.py's staged sampler uses both).
 
 Validation (fine-tuning): `validate(model) -> {"val/mre": ..., ...}` runs on the main process
 every cfg.eval_every steps and at the end, under the EMA weights when there is an EMA. Its
@@ -30,20 +30,28 @@ import random
 import resource
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, send_to_device
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from ddpm_landmarks.training.checkpoint import (read_trainer_state, resolve_resume,
-                                                save_checkpoint)
-from ddpm_landmarks.training.config import OptimConfig, TrainConfig
-from ddpm_landmarks.training.optim import build_optimizer, build_scheduler
+from ddpm_landmarks.config.training import OptimConfig, TrainConfig
+from ddpm_landmarks.data.samplers import EpochSampler, EpochShuffleSampler
+from ddpm_landmarks.training.checkpoint import (
+    read_trainer_state,
+    resolve_resume,
+    save_checkpoint,
+)
+from ddpm_landmarks.training.optim import (
+    WarmupPlateauFactor,
+    build_optimizer,
+    build_scheduler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,32 +63,10 @@ def _no_image_logging(accelerator: Accelerator, images: dict, step: int) -> None
     pass
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """Order depends only on (seed, epoch): identical on every process and after a resume.
-
-    It has no `generator` attribute on purpose, so accelerate neither replaces nor re-seeds it.
-    """
-
-    def __init__(self, num_items: int, seed: int, shuffle: bool = True):
-        self.num_items, self.seed, self.shuffle, self.epoch = num_items, seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.num_items))
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_items, generator=gen).tolist())
-
-    def __len__(self) -> int:
-        return self.num_items
-
-
 class _WorkerSeeder:
     """worker_init_fn: numpy/random/torch seeds per (seed, epoch, process, worker)."""
 
-    def __init__(self, seed: int, process_index: int, sampler: EpochShuffleSampler):
+    def __init__(self, seed: int, process_index: int, sampler: EpochSampler):
         self.seed, self.process_index, self.sampler = seed, process_index, sampler
 
     def __call__(self, worker_id: int) -> None:
@@ -122,7 +108,7 @@ class Trainer:
                  log_images: Optional[ImageLogger] = None, shuffle: bool = True,
                  param_groups: Optional[list[dict]] = None,
                  validate: Optional[Validator] = None, monitor: str = "val/mre",
-                 sampler: Optional[Sampler] = None):
+                 sampler: Optional[EpochSampler] = None):
         self.method, self.cfg, self.optim_cfg, self.run_dir = method, cfg, optim_cfg, Path(run_dir)
         self.validate_fn, self.monitor = validate, monitor
         if cfg.early_stopping_patience and not (validate and cfg.eval_every):
@@ -292,7 +278,7 @@ class Trainer:
         broadcast_object_list(payload, from_process=0)
         values, self.best_value, self.best_step, self.bad_evals = payload[0]
         lr_fn = getattr(self.scheduler, "scheduler", self.scheduler).lr_lambdas[0]
-        if hasattr(lr_fn, "report"):               # the "plateau" schedule
+        if isinstance(lr_fn, WarmupPlateauFactor):       # the "plateau" schedule
             lr_fn.report(float(values[self.monitor]))
         patience = self.cfg.early_stopping_patience
         if patience and self.bad_evals >= patience:
@@ -329,14 +315,13 @@ class Trainer:
         while self.step < cfg.max_steps and not self.stopped_early:
             # -------------------------------------------------------------- epoch start
             self.sampler.set_epoch(self.epoch)
-            if hasattr(self.sampler, "set_step_layout"):
-                # A step-aware sampler (data/curriculum.py) maps each position of the epoch to
-                # the optimiser step it trains in: steps done before the epoch's first batch
-                # (mid-epoch after a resume: minus the batches skipped below) and the layout.
-                self.sampler.set_step_layout(
-                    steps_before=self.step - math.ceil(self.batches_in_epoch / cfg.grad_accum),
-                    batch_size=cfg.batch_size, num_processes=acc.num_processes,
-                    grad_accum=cfg.grad_accum)
+            # A step-aware sampler (data/curriculum.py) maps each position of the epoch to the
+            # optimiser step it trains in: steps done before the epoch's first batch (mid-epoch
+            # after a resume: minus the batches skipped below) and the layout.
+            self.sampler.set_step_layout(
+                steps_before=self.step - math.ceil(self.batches_in_epoch / cfg.grad_accum),
+                batch_size=cfg.batch_size, num_processes=acc.num_processes,
+                grad_accum=cfg.grad_accum)
             self.loader.set_epoch(self.epoch)      # accelerate re-applies its own counter
             loader = self.loader
             if self.batches_in_epoch:
@@ -396,8 +381,7 @@ class Trainer:
                                    for k, v in logs_sum.items() if f"train/{k}" not in values})
                     if self.ema is not None and self.ema.cur_decay_value is not None:
                         values["train/ema_decay"] = self.ema.cur_decay_value
-                    if hasattr(self.sampler, "scalars"):   # e.g. the curriculum stage
-                        values.update(self.sampler.scalars(self.step))
+                    values.update(self.sampler.scalars(self.step))   # e.g. the curriculum stage
                     acc.log(values, step=self.step)
                     if acc.is_main_process:
                         self.history.append({"step": self.step, **values})

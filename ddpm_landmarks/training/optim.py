@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ddpm_landmarks.training.config import OptimConfig
+from ddpm_landmarks.config.training import OptimConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,45 +18,24 @@ from __future__ import annotations
 
 import json
 import math
-import netrc
 import os
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
-from ddpm_landmarks.config import ConfigError
+from ddpm_landmarks.errors import ConfigError
 from ddpm_landmarks.evaluation.visualize import write_png
+from ddpm_landmarks.utils.wandb import resolve_wandb_mode
 
 IMAGES_SUBDIR = "images"
-_WANDB_HOST = "api.wandb.ai"
 _offline_hint_shown = False
 
 
 def _is_main_process() -> bool:
     # Launchers (torchrun, accelerate launch) set RANK; the hint should print once per job.
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def wandb_api_key_available() -> bool:
-    """True when W&B could log in without asking: WANDB_API_KEY, or netrc for the W&B host."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "")).hostname or _WANDB_HOST
-    netrc_path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
-    try:
-        return netrc.netrc(netrc_path).authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def resolve_wandb_mode(mode: str) -> str:
-    """'auto' -> 'online' with an API key, else 'offline'; other modes unchanged."""
-    if mode == "auto":
-        return "online" if wandb_api_key_available() else "offline"
-    return mode
 
 
 def tracker_setup(cfg, run_dir: str | Path,

@@ -43,13 +43,6 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return path
-
-
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     """Yield a temporary folder next to `out_dir`; fill it; on success it replaces `out_dir`.

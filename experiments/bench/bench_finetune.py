@@ -52,13 +52,14 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_pretrain as bp  # noqa: E402  (sibling script: cpu_model, matmul_peak, _status_kib)
 
-from ddpm_landmarks.config import DecoderConfig, HeatmapConfig  # noqa: E402
-from ddpm_landmarks.data.heatmaps import make_targets  # noqa: E402
-from ddpm_landmarks.evaluation.decoders import DECODERS, decode  # noqa: E402
-from ddpm_landmarks.models.regressor import (RegressorConfig, build_regressor,  # noqa: E402
-                                             param_groups)
+from ddpm_landmarks.config.common import DecoderConfig, HeatmapConfig  # noqa: E402
+from ddpm_landmarks.config.finetune import RegressorConfig
+from ddpm_landmarks.heatmaps.decoders import DECODERS, decode  # noqa: E402
+from ddpm_landmarks.heatmaps.losses import heatmap_loss  # noqa: E402
+from ddpm_landmarks.heatmaps.targets import make_targets  # noqa: E402
+from ddpm_landmarks.models.registry import build_regressor
+from ddpm_landmarks.models.regressor import param_groups
 from ddpm_landmarks.models.unet import PRESETS, count_parameters  # noqa: E402
-from ddpm_landmarks.training.heatmap_losses import heatmap_loss  # noqa: E402
 
 NUM_LANDMARKS = 19
 SIZE_PRESET = {64: "tiny", 128: "small", 256: "base"}

@@ -26,10 +26,10 @@ import torch
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from ddpm_landmarks.config.pretrain import DiffusionConfig, ModelConfig
+from ddpm_landmarks.config.training import OptimConfig, TrainConfig
 from ddpm_landmarks.methods.ddpm import DDPMMethod
 from ddpm_landmarks.models.unet import PRESETS, count_parameters
-from ddpm_landmarks.training.config import (DiffusionConfig, ModelConfig, OptimConfig,
-                                            TrainConfig)
 from ddpm_landmarks.training.engine import Trainer
 from ddpm_landmarks.training.optim import build_optimizer
 

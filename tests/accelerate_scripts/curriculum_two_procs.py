@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the project root
 
-from ddpm_landmarks.methods import METHODS  # noqa: E402
+from ddpm_landmarks.methods.registry import PRETRAINING_METHODS  # noqa: E402
 
-_FACTORIES = dict(METHODS)        # the real factories, whatever a test monkeypatched since
+_FACTORIES = dict(PRETRAINING_METHODS)        # the real factories, whatever a test monkeypatched since
 
 
 def decode_ids(images) -> list[int] | None:
@@ -65,7 +65,7 @@ class Recorder:
 
 
 def install(methods: dict, name: str, recorder: Recorder) -> None:
-    """methods[name] builds the real method and wraps it (methods: METHODS, or a
+    """methods[name] builds the real method and wraps it (methods: PRETRAINING_METHODS, or a
     monkeypatch-able view of it)."""
     factory = _FACTORIES[name]
     methods[name] = lambda cfg: recorder.wrap(factory(cfg))
@@ -73,13 +73,14 @@ def install(methods: dict, name: str, recorder: Recorder) -> None:
 
 def main(argv: list[str]) -> int:
     from accelerate import PartialState
-    from ddpm_landmarks.config import load_config
+
+    from ddpm_landmarks.config.pretrain import PretrainConfig
+    from ddpm_landmarks.config.schema import load_config
     from ddpm_landmarks.pretrain import pretrain
-    from ddpm_landmarks.training.config import PretrainConfig
     out, config, overrides = Path(argv[0]), argv[1], argv[2:]
     cfg = load_config(config, overrides, cls=PretrainConfig)
     recorder = Recorder()
-    install(METHODS, cfg.method, recorder)
+    install(PRETRAINING_METHODS, cfg.method, recorder)
     pretrain(cfg)
     rank = PartialState().process_index
     (out / f"records_{rank}.json").write_text(json.dumps(recorder.records))

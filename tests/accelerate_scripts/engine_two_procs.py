@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the project root
 
-from ddpm_landmarks.training.config import OptimConfig, TrainConfig  # noqa: E402
+from ddpm_landmarks.config.training import OptimConfig, TrainConfig  # noqa: E402
 from ddpm_landmarks.training.engine import Trainer  # noqa: E402
 
 

@@ -25,11 +25,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the project root
 
+from ddpm_landmarks.config.pretrain import PretrainConfig  # noqa: E402
 from ddpm_landmarks.methods.moco_v2 import Queue, shuffled_keys  # noqa: E402
 from ddpm_landmarks.methods.moco_v3 import moco_v3_loss  # noqa: E402
 from ddpm_landmarks.methods.simclr import SimCLRMethod, global_nt_xent  # noqa: E402
 from ddpm_landmarks.methods.ssl_base import gather_no_grad  # noqa: E402
-from ddpm_landmarks.training.config import PretrainConfig  # noqa: E402
 
 GLOBAL_BATCH, DIM, TEMPERATURE = 6, 5, 0.5
 
@@ -120,8 +120,8 @@ def engine_run(out_dir: Path, name: str) -> dict:
 
     One per launch: fit() ends with accelerator.end_training(), which destroys the process
     group (re-initialising it in the same processes is not reliable)."""
-    from ddpm_landmarks.methods import METHODS
-    from ddpm_landmarks.training.config import OptimConfig, TrainConfig
+    from ddpm_landmarks.config.training import OptimConfig, TrainConfig
+    from ddpm_landmarks.methods.registry import PRETRAINING_METHODS
     from ddpm_landmarks.training.engine import Trainer
     cfg = PretrainConfig(method=name)
     cfg.data.image_size = 32
@@ -130,7 +130,7 @@ def engine_run(out_dir: Path, name: str) -> dict:
     cfg.train = TrainConfig(max_steps=2, batch_size=2, ema=False, checkpoint_every=0,
                             num_workers=0, log_every=1, image_every=0, seed=0)
     torch.manual_seed(0)
-    method = METHODS[name](cfg)
+    method = PRETRAINING_METHODS[name](cfg)
     trainer = Trainer(method, ToyViews(), cfg.train, OptimConfig(lr=1e-3, warmup_steps=0),
                       out_dir / name, {"method": name})
     summary = trainer.fit()

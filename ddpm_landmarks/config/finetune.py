@@ -1,0 +1,117 @@
+"""Config of a fine-tuning run: the shared data sections plus the regressor (model), loss,
+optimiser, engine and logger sections.
+
+    cfg = load_config("configs/finetune/isbi2015.yaml", ["fewshot.budget=10"], cls=FinetuneConfig)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ddpm_landmarks.config.common import (
+    AugmentConfig,
+    DataConfig,
+    DecoderConfig,
+    EvalConfig,
+    FewShotConfig,
+    HeatmapConfig,
+    RunConfig,
+)
+from ddpm_landmarks.config.training import LoggerConfig, OptimConfig, TrainConfig
+
+
+@dataclass
+class RegressorConfig:
+    # ddpm_unet: the DDPM U-Net of this module; smp_unet / smp_unetplusplus: smp baselines
+    arch: Literal["ddpm_unet", "smp_unet", "smp_unetplusplus"] = "ddpm_unet"
+    # pretrained: pretrained_path (DDPM export, or an SSL encoder export for smp archs);
+    # scratch: random init; imagenet: smp archs only (imagenet_weights, else smp's download);
+    # regressor: the body of a landmark regressor of another dataset (models/transfer_init.py)
+    init: Literal["pretrained", "scratch", "imagenet", "regressor"] = "pretrained"
+    # a pretraining run's export/ folder, or for init=regressor a fine-tuning run's best/ or
+    # export/ ("" = none: scratch only)
+    pretrained_path: str = ""
+    preset: str = "tiny"                # scratch without pretrained_path: ddpm_landmarks.models.unet
+    timestep_mode: Literal["fixed", "drop"] = "fixed"
+    timestep: int = 0
+    noise_input: bool = False           # needs the exported scheduler (pretrained_path/scheduler)
+    freeze: Literal["none", "encoder", "unet"] = "none"
+    head: Literal["conv1x1", "small"] = "conv1x1"
+    # smp archs only (models/smp_regressor.py):
+    encoder: str = "resnet18"           # smp encoder name (resnet50, densenet161, vgg19, tu-...)
+    imagenet_weights: str = ""          # init=imagenet offline: encoder state-dict file / folder
+    gray_adapter: Literal["repeat", "in_channels", "colorize"] = "repeat"
+    input_norm: Literal["auto", "imagenet", "none"] = "auto"   # encoder input normalisation
+
+
+# Fields of RegressorConfig that change the body's parameters, per source arch.
+BODY_FIELDS = {"ddpm_unet": ("arch", "timestep_mode"),
+               "smp_unet": ("arch", "encoder", "gray_adapter"),
+               "smp_unetplusplus": ("arch", "encoder", "gray_adapter")}
+def check_same_body(target, source, where: str) -> None:
+    """ValueError when the target RegressorConfig asks for another body than the source's."""
+    fields = BODY_FIELDS.get(source.arch)
+    if fields is None:
+        raise ValueError(f"{where}: unknown source arch {source.arch!r}")
+    for name in fields:
+        mine, theirs = getattr(target, name), getattr(source, name)
+        if mine != theirs:
+            raise ValueError(f"model.{name}={mine} conflicts with the source regressor {where} "
+                             f"({name}={theirs}): with init=regressor the architecture comes "
+                             f"from the source; set model.{name}={theirs}")
+
+
+@dataclass
+class LossConfig:
+    # mse / bce / softmax_ce (spatial softmax) / channel_ce (the released code's
+    # nn.CrossEntropyLoss over landmark channels); see heatmaps/losses.py.
+    name: Literal["mse", "bce", "softmax_ce", "channel_ce"] = "mse"
+    foreground_weight: float = 1.0      # mse: weight of pixels with target > foreground_threshold
+    foreground_threshold: float = 0.1
+    pos_weight: Optional[float] = None  # bce: weight of the positive term
+    softmax_threshold: float = 0.5      # softmax_ce / channel_ce: target > threshold = the class
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of heatmaps.losses.LOSSES[name]."""
+        if self.name == "mse":
+            return {"foreground_weight": self.foreground_weight,
+                    "foreground_threshold": self.foreground_threshold}
+        if self.name == "bce":
+            return {"pos_weight": self.pos_weight}
+        return {"threshold": self.softmax_threshold}
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """AdamW with per-part learning rates: `lr` for the pretrained body, `head_lr` for the new
+    head (None = lr). "plateau" = warm-up, then the lr is multiplied by plateau_factor after
+    plateau_patience evaluations without a better validation MRE (needs train.eval_every)."""
+    lr: float = 1e-4
+    head_lr: Optional[float] = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "constant", "plateau"] = "cosine"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
+
+
+def _finetune_train() -> TrainConfig:
+    # Few labelled images: short runs, EMA off by default (best-by-validation instead).
+    return TrainConfig(max_steps=1000, batch_size=8, ema=False, ema_decay=0.999,
+                       checkpoint_every=250, image_every=0, log_every=10, eval_every=100)
+
+
+@dataclass
+class FinetuneConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    heatmap: HeatmapConfig = field(default_factory=HeatmapConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: RegressorConfig = field(default_factory=RegressorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    train: TrainConfig = field(default_factory=_finetune_train)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)

@@ -1,0 +1,244 @@
+"""A grid's plan: the experiment file (grid_schema.py) expanded into shared jobs (pretrainings,
+source fine-tunings: shared_jobs.py) and fine-tuning cells, every config resolved and checked
+before anything runs.
+
+    plan = build_plan(load_grid("experiments/cpu-small.yaml"))
+    plan.pretrainings, plan.sources (shared), plan.cells (one run each)
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ddpm_landmarks.config.finetune import BODY_FIELDS, FinetuneConfig
+from ddpm_landmarks.config.pretrain import PretrainConfig
+from ddpm_landmarks.config.schema import load_config, to_dict
+from ddpm_landmarks.errors import ConfigError
+from ddpm_landmarks.experiments.grid_schema import (
+    PRETRAINED_KINDS,
+    DatasetSpec,
+    GridConfig,
+)
+from ddpm_landmarks.experiments.shared_jobs import (
+    Pretraining,
+    SharedJobs,
+    SourceJob,
+    check_cell_source,
+    logger_overrides,
+    plan_pretraining,
+    plan_source,
+)
+from ddpm_landmarks.models.artifacts import identify, read_meta
+
+log = logging.getLogger(__name__)
+
+# Fine-tuning overrides of each init kind ({export} = the pretraining's, checkpoint's or source
+# job's weights folder; SSL kinds also get model.encoder and model.gray_adapter from the
+# pretraining config, supervised the source's architecture: _kind_overrides).
+KIND_OVERRIDES: dict[str, list[str]] = {
+    "ddpm": ["model.arch=ddpm_unet", "model.init=pretrained", "model.pretrained_path={export}"],
+    "simclr": ["model.arch=smp_unet", "model.init=pretrained", "model.pretrained_path={export}"],
+    "moco_v2": ["model.arch=smp_unet", "model.init=pretrained", "model.pretrained_path={export}"],
+    "moco_v3": ["model.arch=smp_unet", "model.init=pretrained", "model.pretrained_path={export}"],
+    "imagenet": ["model.arch=smp_unet", "model.init=imagenet"],
+    "scratch": ["model.init=scratch", "model.pretrained_path="],
+    "checkpoint": ["model.init=pretrained", "model.pretrained_path={export}"],
+    "mean_shape": [],
+    "supervised": ["model.init=regressor", "model.pretrained_path={export}"],
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan: pretraining jobs and cells
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Cell:
+    dataset: str
+    init: str
+    kind: str
+    budget: Optional[int]
+    seed: int
+    name: str
+    run_dir: Path
+    config_path: str                    # fine-tuning config file
+    overrides: list[str]                # complete, in order
+    config: FinetuneConfig              # resolved (pretrained_path may not exist yet)
+    eval_split: str
+    pretraining: Optional[Pretraining] = None
+    source: Optional[SourceJob] = None
+
+    @property
+    def dependencies(self) -> list:
+        """The shared jobs that must be done before the cell runs."""
+        return [job for job in (self.pretraining, self.source) if job is not None]
+
+    @property
+    def key(self) -> dict:
+        return {"dataset": self.dataset, "init": self.init, "budget": self.budget,
+                "seed": self.seed}
+
+
+@dataclass
+class Plan:
+    grid: GridConfig
+    pretrainings: list[Pretraining]
+    cells: list[Cell]
+    sources: list[SourceJob] = field(default_factory=list)
+
+
+def budget_label(budget: Optional[int]) -> str:
+    return "all" if budget is None else str(budget)
+
+
+def cell_name(dataset: str, init: str, budget: Optional[int], seed: int) -> str:
+    return f"{dataset}-{init}-N{budget_label(budget)}-s{seed}"
+
+
+def _kind_overrides(kind: str, export: Optional[Path], pretrain_cfg: Optional[PretrainConfig],
+                    source: Optional[SourceJob] = None) -> list[str]:
+    overrides = [o.replace("{export}", str(export)) for o in KIND_OVERRIDES[kind]]
+    if pretrain_cfg is not None and kind in ("simclr", "moco_v2", "moco_v3"):
+        ssl = pretrain_cfg.ssl
+        overrides += [f"model.encoder={ssl.encoder}",
+                      "model.gray_adapter=" + ("in_channels" if ssl.in_channels == 1 else "repeat")]
+    if kind == "checkpoint" and export is not None:
+        # A saved regressor: its body, a new head (models/transfer_init.py). An SSL export is an
+        # smp encoder; anything else a DDPM U-Net export (checked when the cell builds it).
+        found = identify(export)
+        if found == "regressor":
+            model = read_meta(export, "regressor", "inits checkpoint")["regressor"]
+            arch = model.get("arch", "ddpm_unet")
+            overrides += ["model.init=regressor"] + [
+                f"model.{name}={model[name]}" for name in BODY_FIELDS.get(arch, ("arch",))
+                if name in model]
+        elif found == "ssl_encoder":
+            info = read_meta(export, "ssl_encoder", "inits checkpoint")
+            overrides += ["model.arch=smp_unet", f"model.encoder={info['encoder']}",
+                          "model.gray_adapter=" + (
+                              "in_channels" if info["in_channels"] == 1 else "repeat")]
+        else:
+            overrides += ["model.arch=ddpm_unet"]
+    if source is not None:           # the architecture is the source's (transfer_init.py)
+        model = source.config.model
+        overrides += [f"model.{name}={getattr(model, name)}" for name in BODY_FIELDS[model.arch]]
+    return overrides
+
+
+def checkpoint_folder(init: str, path: str) -> Path:
+    """inits.<init>.checkpoint as a folder: a glob (runs/.../ddpm-*/export: the hash of a
+    pretraining run folder need not be copied by hand) must match exactly one folder."""
+    if not any(char in path for char in "*?["):
+        return Path(path)
+    matches = sorted(p for p in Path().glob(path) if p.is_dir()) if not Path(path).is_absolute() \
+        else sorted(p for p in Path("/").glob(path.lstrip("/")) if p.is_dir())
+    if len(matches) != 1:
+        found = ", ".join(map(str, matches)) or "nothing (run what makes it first)"
+        raise ConfigError(f"inits.{init}.checkpoint: {path!r} must match exactly one folder; "
+                          f"it matches {found}")
+    return matches[0]
+
+
+@dataclass
+class InitResolution:
+    """What an init gives the fine-tuning runs of one dataset."""
+    kind: str
+    overrides: list[str]                # the kind's, then the init's own
+    pretraining: Optional[Pretraining] = None
+    source: Optional[SourceJob] = None
+
+
+def resolve_init(grid: GridConfig, init: str, dataset: str, ds: DatasetSpec, jobs: SharedJobs,
+                 chain: tuple[str, ...] = ()) -> InitResolution:
+    """The init's fine-tuning overrides for `dataset` and the shared job they start from
+    (planned once in `jobs`); a supervised init's source job is itself initialised by resolving
+    its source_init (for the same dataset), so chains share every job they have in common."""
+    if init in chain:
+        raise ConfigError(f"inits.{chain[0]}: source_init goes round in a circle: "
+                          f"{' -> '.join(chain + (init,))}")
+    spec = grid.inits[init]
+    kind = spec.kind or init
+    job, source, export = None, None, None
+    if kind in PRETRAINED_KINDS:
+        job = plan_pretraining(grid, init, spec, kind, dataset, ds, jobs)
+        export = job.run_dir / spec.pretrain_weights
+        if spec.pretrain_weights == "best" and not job.config.probe.every:
+            raise ConfigError(f"inits.{init}.pretrain_weights=best needs the landmark "
+                              f"probe in its pretraining (probe.every > 0)")
+    elif kind == "checkpoint":
+        export = checkpoint_folder(init, spec.checkpoint)
+    elif kind == "supervised":
+        base = InitResolution("", [])
+        if spec.source_init:
+            base = resolve_init(grid, spec.source_init, dataset, ds, jobs, chain + (init,))
+            if base.kind == "mean_shape":
+                raise ConfigError(f"inits.{init}.source_init: {spec.source_init!r} is the mean "
+                                  f"shape, not a network to fine-tune")
+        source = plan_source(grid, init, spec, base.overrides, base.pretraining, base.source,
+                             jobs)
+        export = source.export_dir
+    overrides = _kind_overrides(kind, export, job.config if job else None, source) + \
+        spec.overrides
+    return InitResolution(kind, overrides, job, source)
+
+
+def build_plan(grid: GridConfig) -> Plan:
+    """Every cell's complete override list and resolved config (checked now, so a typo fails
+    before hours of pretraining), and the distinct shared jobs (pretrainings, source
+    fine-tunings) they start from."""
+    jobs = SharedJobs()
+    cells: list[Cell] = []
+    for dataset, ds in grid.datasets.items():
+        config_path = ds.finetune or f"configs/finetune/{dataset}.yaml"
+        eval_split = ds.eval_split or grid.eval_split
+        for init in grid.inits:
+            res = resolve_init(grid, init, dataset, ds, jobs)
+            init_overrides = grid.finetune_overrides + ds.overrides + res.overrides
+            for budget in grid.budgets:
+                for seed in grid.seeds:
+                    name = cell_name(dataset, init, budget, seed)
+                    run_dir = grid.grid_dir / "cells" / name
+                    tags = [f"dataset:{dataset}", f"init:{init}", f"N:{budget_label(budget)}",
+                            f"seed:{seed}"]
+                    overrides = init_overrides + [
+                        f"fewshot.budget={'null' if budget is None else budget}",
+                        f"fewshot.draw={seed}", f"train.seed={seed}",
+                        f"run.output_dir={run_dir.parent}", f"run.name={name}",
+                        "train.resume=latest"] + logger_overrides(grid, tags)
+                    try:
+                        cfg = load_config(config_path, overrides, cls=FinetuneConfig)
+                    except ConfigError as err:
+                        raise ConfigError(f"cell {name}: {err}") from None
+                    job = res.pretraining
+                    if job is not None:
+                        job.users.append(name)
+                        if res.kind == "ddpm" and job.config.data.image_size != cfg.data.image_size:
+                            log.warning("cell %s fine-tunes at %d px a U-Net pretrained at %d px",
+                                        name, cfg.data.image_size, job.config.data.image_size)
+                    if res.source is not None:
+                        check_cell_source(name, cfg, eval_split, res.source)
+                        res.source.users.append(name)
+                    cells.append(Cell(dataset, init, res.kind, budget, seed, name, run_dir,
+                                      config_path, overrides, cfg, eval_split, job, res.source))
+    return Plan(grid, list(jobs.pretrainings.values()), cells, list(jobs.sources.values()))
+
+
+def plan_summary(plan: Plan) -> dict:
+    """What grid.json records of a plan (plain data)."""
+    def after(job) -> list[str]:
+        return [d.name for d in job.dependencies]
+    return {"grid": to_dict(plan.grid),
+            "pretrainings": [{"name": p.name, "method": p.method, "config": p.config_path,
+                              "overrides": p.overrides, "users": p.users}
+                             for p in plan.pretrainings],
+            "sources": [{"name": s.name, "init": s.init, "config": s.config_path,
+                         "overrides": s.overrides, "weights": s.weights, "after": after(s),
+                         "users": s.users} for s in plan.sources],
+            "cells": [{**c.key, "name": c.name, "kind": c.kind, "config": c.config_path,
+                       "eval_split": c.eval_split,
+                       "overrides": c.overrides,
+                       "pretraining": c.pretraining.name if c.pretraining else None,
+                       "source": c.source.name if c.source else None}
+                      for c in plan.cells]}

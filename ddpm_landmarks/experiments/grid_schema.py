@@ -1,0 +1,166 @@
+"""The experiment file: dataset x initialisation x label budget x seed (its expansion into
+shared jobs and cells is experiments/grid_plan.py).
+
+    grid = load_grid("experiments/cpu-small.yaml", overrides=["seeds=[0]"])
+
+Experiment file (every key is checked, as in run configs):
+
+    name: cpu-small
+    output_dir: runs/grids                  # the grid lives in runs/grids/cpu-small/
+    budgets: [50]                           # labelled images; null = the whole training split
+    seeds: [0, 1]                           # seed s: fewshot.draw=s and train.seed=s
+    eval_split: test1
+    finetune_overrides: [train.max_steps=600]      # every fine-tuning run
+    pretrain_overrides: [train.max_steps=1000]     # every pretraining run
+    datasets:
+      isbi2015:
+        finetune: configs/finetune/isbi2015.yaml
+        overrides: [data.image_size=128]           # its fine-tuning runs
+        pretrain_overrides: [data.image_size=128]  # the pretrainings its cells use
+    inits:
+      ddpm:      {pretrain: configs/pretrain/isbi2015.yaml, pretrain_overrides: [model.preset=small]}
+      simclr:    {}                                # kind = the name; configs/pretrain/simclr_<dataset>.yaml
+      scratch:   {overrides: [model.preset=small]}
+      imagenet:  {overrides: [model.encoder=resnet50]}
+      chest_ddpm: {kind: checkpoint, checkpoint: runs/pretrain_chest/export}
+      mean_shape: {}
+      spine_unet:                           # landmarks of another dataset first (shared_jobs.py)
+        kind: supervised
+        source: configs/finetune/aasce_spine.yaml
+        source_init: imagenet               # ImageNet -> spine -> each dataset
+        source_overrides: [fewshot.budget=null]
+
+Init kinds (INIT_KINDS): `ddpm` and the SSL methods (`simclr`, `moco_v2`, `moco_v3`) pretrain
+first (one run per distinct resolved pretraining config, shared by every cell that needs it:
+all budgets and seeds, and every dataset whose pretraining config resolves to the same);
+`imagenet`, `scratch` and `checkpoint` (an existing DDPM or SSL export, or a saved fine-tuned
+regressor, whose body the cells fine-tune with a new head; the path may be a glob such as
+`runs/grids/cpu-small/pretrain/ddpm-*/export` that must match exactly one folder) do not; `mean_shape`
+is the trivial predictor (mean training landmark positions, no network); `supervised` fine-tunes
+a source job's model (a fine-tuning on another labelled dataset, shared like a pretraining and
+itself initialised by `source_init`, another init of the grid: chains; shared_jobs.py) with a new
+head, in the source's architecture. The overrides of a fine-tuning cell are applied in this
+order, the more specific later and winning: the grid's `finetune_overrides`, the dataset's, the
+init kind's own (KIND_OVERRIDES: architecture, init, weights path), the init's `overrides`,
+then the cell's (budget, seed, run folder, W&B group and tags). Pretraining: the grid's, the
+dataset's, then the init's `pretrain_overrides`. Source fine-tuning: shared_jobs.py.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from ddpm_landmarks.config.schema import load_config
+from ddpm_landmarks.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRETRAINED_KINDS = ("ddpm", "simclr", "moco_v2", "moco_v3")
+# mean_shape: no network, the average training landmark positions (the trivial reference row).
+INIT_KINDS = PRETRAINED_KINDS + ("imagenet", "scratch", "checkpoint", "mean_shape", "supervised")
+SOURCE_FIELDS = ("source", "source_init", "source_overrides")
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class DatasetSpec:
+    finetune: str = ""                  # fine-tuning config; "" = configs/finetune/<name>.yaml
+    eval_split: str = ""                # split the cells are scored on; "" = the grid's eval_split
+    overrides: list[str] = field(default_factory=list)
+    pretrain_overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class InitSpec:
+    kind: str = ""                      # one of INIT_KINDS; "" = the init's name
+    # Pretraining config of ddpm / SSL kinds; "" = configs/pretrain/<dataset>.yaml (ddpm) or
+    # configs/pretrain/<kind>_<dataset>.yaml (SSL).
+    pretrain: str = ""
+    pretrain_overrides: list[str] = field(default_factory=list)
+    checkpoint: str = ""                # kind=checkpoint: DDPM / SSL export or saved regressor
+                                        # folder; a glob must match exactly one
+    # Which weights of the pretraining the cells fine-tune: its last step ("export") or the step
+    # with the best landmark probe ("best": needs probe.every > 0 in the pretraining config).
+    pretrain_weights: Literal["export", "best"] = "export"
+    overrides: list[str] = field(default_factory=list)
+    # kind=supervised: the source's fine-tuning config, the init its model starts from (another
+    # entry of `inits`; "" = the source config and source_overrides decide, e.g.
+    # [model.arch=smp_unet, model.init=imagenet]), its overrides, and which of its weights the
+    # cells fine-tune: the best validation MRE ("best") or the last step ("export").
+    source: str = ""
+    source_init: str = ""
+    source_overrides: list[str] = field(default_factory=list)
+    source_weights: Literal["best", "export"] = "best"
+
+
+@dataclass
+class LauncherConfig:
+    # inline: in this process (tests, debugging); process: one Python process per job;
+    # accelerate: `accelerate launch --num_processes N [accelerate_args] -m ...` per job.
+    kind: Literal["inline", "process", "accelerate"] = "process"
+    num_processes: int = 1
+    accelerate_args: list[str] = field(default_factory=list)   # e.g. [--multi_gpu, --mixed_precision=bf16]
+
+
+@dataclass
+class GridLoggerConfig:
+    kind: Literal["wandb", "tensorboard", "none"] = "wandb"   # every run of the grid
+    project: str = "ddpm-landmarks"
+    entity: str = ""
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+
+
+@dataclass
+class GridConfig:
+    name: str = "grid"
+    output_dir: str = "runs/grids"
+    datasets: dict[str, DatasetSpec] = field(default_factory=dict)
+    inits: dict[str, InitSpec] = field(default_factory=dict)
+    budgets: list[Optional[int]] = field(default_factory=lambda: [50])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    eval_split: str = "test1"
+    finetune_overrides: list[str] = field(default_factory=list)
+    pretrain_overrides: list[str] = field(default_factory=list)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    logger: GridLoggerConfig = field(default_factory=GridLoggerConfig)
+
+    @property
+    def grid_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def load_grid(path: str | Path, overrides: Optional[list[str]] = None) -> GridConfig:
+    grid = load_config(path, overrides, cls=GridConfig)
+    if not grid.datasets:
+        raise ConfigError(f"{path}: 'datasets' is empty: name at least one dataset")
+    if not grid.inits:
+        raise ConfigError(f"{path}: 'inits' is empty: name at least one initialisation")
+    if not grid.budgets or not grid.seeds:
+        raise ConfigError(f"{path}: 'budgets' and 'seeds' need at least one value each")
+    for budget in grid.budgets:
+        if budget is not None and budget < 1:
+            raise ConfigError(f"budgets: {budget} is not a positive number of images (or null)")
+    if len(set(grid.budgets)) != len(grid.budgets) or len(set(grid.seeds)) != len(grid.seeds):
+        raise ConfigError(f"budgets {grid.budgets} / seeds {grid.seeds} repeat a value")
+    for name, spec in grid.inits.items():
+        kind = spec.kind or name
+        if kind not in INIT_KINDS:
+            raise ConfigError(f"inits.{name}: unknown kind {kind!r}; valid kinds: "
+                              f"{', '.join(INIT_KINDS)} (set inits.{name}.kind)")
+        if kind == "checkpoint" and not spec.checkpoint:
+            raise ConfigError(f"inits.{name}: kind checkpoint needs inits.{name}.checkpoint "
+                              f"(an export folder)")
+        if kind == "supervised" and not spec.source:
+            raise ConfigError(f"inits.{name}: kind supervised needs inits.{name}.source (the "
+                              f"source dataset's fine-tuning config)")
+        if kind != "supervised" and any(getattr(spec, f) for f in SOURCE_FIELDS):
+            raise ConfigError(f"inits.{name}: {', '.join(SOURCE_FIELDS)} are for kind "
+                              f"supervised, not {kind}")
+        if spec.source_init and spec.source_init not in grid.inits:
+            raise ConfigError(f"inits.{name}.source_init: no init {spec.source_init!r}; "
+                              f"inits: {', '.join(grid.inits)}")
+    return grid
