@@ -16,7 +16,10 @@ class OptimConfig:
     warmup_steps: int = 100
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.0           # cosine decays to lr * min_lr_ratio
-    max_grad_norm: Optional[float] = 1.0
+    max_grad_norm: Optional[float] = 1.0  # clipping threshold; None = no clipping
+    # norm: scale the gradient to a total L2 norm <= max_grad_norm (ours); value: clamp every
+    # component to [-max_grad_norm, max_grad_norm] (the released DDPM code's clip_grad_value_).
+    clip_mode: Literal["norm", "value"] = "norm"
 
 
 @dataclass
@@ -27,7 +30,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     ema: bool = True
     ema_decay: float = 0.9999
-    ema_warmup: bool = True             # diffusers' EMA warm-up (decay grows with the step)
+    # True: the decay grows with the step, min(ema_decay, (1 + t) / (10 + t)) (diffusers' EMA);
+    # False: ema_decay from the first optimiser step (the released DDPM code's EMA).
+    ema_warmup: bool = True
     checkpoint_every: int = 500         # optimiser steps; 0 = only at the end
     keep_checkpoints: int = 3
     resume: str = ""                    # "" | "latest" | path of a checkpoint folder

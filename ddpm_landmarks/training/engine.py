@@ -341,7 +341,10 @@ class Trainer:
                     if acc.sync_gradients:
                         # Pre-clip norm; max_norm=inf only measures (and unscales fp16 grads).
                         # Kept as a tensor: float() here would sync the GPU every step.
-                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+                        clip_norm = max_norm if self.optim_cfg.clip_mode == "norm" else math.inf
+                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip_norm)
+                        if self.optim_cfg.clip_mode == "value" and math.isfinite(max_norm):
+                            acc.clip_grad_value_(self.model.parameters(), max_norm)
                     self.optimizer.step()
                     if acc.sync_gradients and not acc.optimizer_step_was_skipped:
                         self.scheduler.step()
