@@ -17,13 +17,13 @@ gray x-rays):
 3. Gaussian blur with probability `blur_prob`, sigma in `blur_sigma` (model-grid pixels);
 4. Gaussian noise of std `noise_std`.
 
-Randomness: the dataset's numpy Generator (PretrainImages' rules: reseeded per DataLoader
+Randomness: per item, as PretrainImages (data/randomness.py; formerly reseeded per DataLoader
 worker and epoch), so augmentations differ per process and are not replayed after a resume.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -134,7 +134,7 @@ def check_views(views) -> None:
 
 class TwoViewImages(PretrainImages):
     """MixedPools -> {"view1", "view2"}: two independent augmentations of one image, each
-    (1, S, S) float32 in [-1, 1]. Same pools, exclusions, worker reseeding and audit files as
+    (1, S, S) float32 in [-1, 1]. Same pools, exclusions, per-item randomness and audit files as
     the DDPM images (PretrainImages)."""
 
     def __init__(self, pools: MixedPools, image_size: int, views, resize_mode: str = "stretch",
@@ -157,16 +157,14 @@ class TwoViewImages(PretrainImages):
             matrix = matrix @ np.linalg.inv(resize_matrix(wh, target, "stretch"))
         return image, matrix
 
-    def view(self, image: np.ndarray, matrix: np.ndarray,
-             rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    def view(self, image: np.ndarray, matrix: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One augmented view, float32 (S, S) in [0, 1]."""
-        rng = self._current_rng() if rng is None else rng
         out = warp_image(image, random_view_matrix(rng, self.views, self.size) @ matrix, self.size)
         return random_view_intensity(out, rng, self.views)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image, matrix = self._base(int(index))
-        rng = self._current_rng()
+        rng = self.item_rng(index)
         one, two = self.view(image, matrix, rng), self.view(image, matrix, rng)
         return {"view1": torch.from_numpy(one * 2.0 - 1.0).unsqueeze(0),
                 "view2": torch.from_numpy(two * 2.0 - 1.0).unsqueeze(0)}
