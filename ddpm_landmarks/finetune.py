@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from safetensors import safe_open
 
 from ddpm_landmarks.config.finetune import FinetuneConfig
+from ddpm_landmarks.data.checks import check_run_inputs
 from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
 from ddpm_landmarks.data.registry import build_dataset
 from ddpm_landmarks.data.splits import make_fewshot_split, split_files
@@ -64,6 +65,7 @@ def check_checkpoint_landmarks(ckpt: Path, num_landmarks: int) -> None:
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run (or resume) one fine-tuning job; returns the engine's summary."""
     launch = Launch.from_env(cfg)
+    check_run_inputs(cfg)              # every image decodes, landmarks, spacing
 
     # ------------------------------------------------------------------ data
     dataset = build_dataset(cfg.data)

@@ -120,6 +120,7 @@ class LandmarkDataset:
         # Filled by readers: problems skipped under on_bad="skip", images present without any
         # landmarks (usable for pretraining), annotated ids whose image is absent.
         self.skipped: list[str] = []
+        self.skipped_names: set[str] = set()    # ids / file names of the skipped images
         self.unlabeled: list = []
         self.absent_ids: list[str] = []
         for r in self.records:
