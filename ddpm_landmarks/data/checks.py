@@ -203,12 +203,14 @@ def check_run_inputs(cfg, threads: Optional[int] = None) -> InputReport:
     read = time.perf_counter()
     problems = _problems(groups, threads)
     if problems:
+        hint = "; data.on_bad_sample=skip leaves such images out" \
+            if cfg.data.on_bad_sample == "error" else ""
+        if len(problems) == 1:
+            raise DataError(f"{problems[0]} (an image the {kind} run reads{hint})")
         listed = "\n  ".join(problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED \
             else ""
-        hint = "; data.on_bad_sample=skip leaves such images out" \
-            if cfg.data.on_bad_sample == "error" else ""
-        raise DataError(f"{len(problems)} image(s) the {kind} run would read fail the start-up "
+        raise DataError(f"{len(problems)} images the {kind} run reads fail the start-up "
                         f"checks{hint}:\n  {listed}{more}")
     files = {str(r.image_path) for g in groups for r in g.records} | \
         {str(p) for g in groups for p in g.paths}

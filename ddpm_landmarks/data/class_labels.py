@@ -208,9 +208,10 @@ def _dataset_images(rows: list[LabelRow], dataset: LandmarkDataset, file: Path,
         index.add([r.id, r.image_path.name], r)
     out = []
     for row in rows:
-        if row.image in dataset.skipped_names or image_id(row.image) in dataset.skipped_names:
-            skipped.append(f"{file} line {row.line}: image {row.image!r} was skipped by the "
-                           f"dataset reader (on_bad_sample=skip)")
+        reason = dataset.skipped_names.get(row.image) or \
+            dataset.skipped_names.get(image_id(row.image))
+        if reason is not None:      # left out by the reader (on_bad_sample=skip)
+            skipped.append(f"{file} line {row.line}: {reason}")
             continue
         r = index.find(row.image, file, row.line)
         out.append(LabelledImage(r.id, row.image, r.image_path, row.label,

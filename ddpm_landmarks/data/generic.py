@@ -58,13 +58,13 @@ class BadSamples:
             raise DataError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
         self.on_bad, self.name, self.log = on_bad, name, logger
         self.messages: list[str] = []
-        self.keys: set[str] = set()
+        self.keys: dict[str, str] = {}      # image -> its first problem
 
     def report(self, key: str, message: str) -> None:
         if self.on_bad == "error":
             raise DataError(message)
         self.messages.append(message)
-        self.keys.add(key)
+        self.keys.setdefault(key, message)
 
     def __contains__(self, key: str) -> bool:
         return key in self.keys
@@ -72,7 +72,7 @@ class BadSamples:
     def attach(self, dataset: LandmarkDataset) -> LandmarkDataset:
         """Store the messages on the dataset and say how many images were skipped."""
         dataset.skipped = list(self.messages)
-        dataset.skipped_names = set(self.keys)
+        dataset.skipped_names = dict(self.keys)
         if self.keys:
             self.log.warning("%s: skipped %d image(s) with bad data (on_bad='skip'); first problem: %s",
                         self.name, len(self.keys), self.messages[0])

@@ -162,7 +162,8 @@ def record_problems(dataset_name: str, records: Sequence[Record],
 def without_unusable_records(dataset: LandmarkDataset,
                              threads: Optional[int] = None) -> LandmarkDataset:
     """The dataset minus records that fail a check (data.on_bad_sample=skip): their messages
-    are added to dataset.skipped, their ids and file names to dataset.skipped_names."""
+    are added to dataset.skipped, and dataset.skipped_names maps their ids and file names to
+    them."""
     problems = record_problems(dataset.name, dataset.records, threads)
     if not problems:
         return dataset
@@ -172,9 +173,10 @@ def without_unusable_records(dataset: LandmarkDataset,
                           dataset.reference_size, dataset._load)
     out.unlabeled, out.absent_ids = dataset.unlabeled, dataset.absent_ids
     out.skipped = list(dataset.skipped) + list(problems.values())
-    dropped = [r for r in dataset.records if r.id in problems]
-    out.skipped_names = set(dataset.skipped_names) | {r.id for r in dropped} | \
-        {r.image_path.name for r in dropped}
+    out.skipped_names = dict(dataset.skipped_names)
+    for r in dataset.records:
+        if r.id in problems:
+            out.skipped_names.update({r.id: problems[r.id], r.image_path.name: problems[r.id]})
     return out
 
 
