@@ -60,7 +60,8 @@ class FewShotConfig:
     seed: int = ranged(0, ">= 0")       # base seed of the draws
     policy: Literal["random", "first_n"] = "random"  # first_n = the original code, for comparison
     val_policy: Literal["fixed_count", "within_budget", "none"] = "fixed_count"
-    val_count: int = ranged(10, ">= 0")  # fixed_count: from the rest of the pool; within_budget: of N
+    # fixed_count: from the rest of the pool; within_budget: of N
+    val_count: int = ranged(10, ">= 0")
 
 
 @dataclass
@@ -70,7 +71,8 @@ class AugmentConfig:
     scale: tuple[float, float] = ranged((0.9, 1.1), "> 0", ordered=True)
     translate: float = ranged(0.05, "[0, 1]")            # fraction of the model grid
     shear_deg: float = ranged(0.0, "[0, 60]")
-    flip_prob: float = ranged(0.0, "[0, 1]")  # refused unless the dataset has a left/right permutation
+    # refused unless the dataset has a left/right permutation
+    flip_prob: float = ranged(0.0, "[0, 1]")
     brightness: float = ranged(0.1, "[0, 1]")            # additive, uniform in [-b, b]
     contrast: float = ranged(0.1, "[0, 1]")              # multiplicative around the mean, 1 +/- c
     gamma: tuple[float, float] = ranged((0.8, 1.25), "> 0", ordered=True)

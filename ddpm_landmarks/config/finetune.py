@@ -127,6 +127,6 @@ class FinetuneConfig:
         so their input side is a multiple of 32. The DDPM U-Net's rule depends on its levels
         (the export's config), checked when the model is built, before the run writes."""
         if self.model.arch.startswith("smp_") and self.data.image_size % SMP_SIZE_MULTIPLE:
-            raise ConfigError(f"{dotted(prefix, 'data.image_size')}: {self.data.image_size} is not a "
-                              f"multiple of {SMP_SIZE_MULTIPLE}, which model.arch="
+            raise ConfigError(f"{dotted(prefix, 'data.image_size')}: {self.data.image_size} "
+                              f"is not a multiple of {SMP_SIZE_MULTIPLE}, which model.arch="
                               f"{self.model.arch} needs (five stride-2 stages)")

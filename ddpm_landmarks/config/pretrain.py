@@ -23,7 +23,8 @@ from ddpm_landmarks.errors import ConfigError
 @dataclass
 class ModelConfig:
     preset: str = "tiny"                # tiny | small | base | paper (ddpm_landmarks.models.unet)
-    sample_size: Optional[int] = ranged(None, ">= 1")  # None = the preset's resolution (= data.image_size)
+    # None = the preset's resolution (= data.image_size)
+    sample_size: Optional[int] = ranged(None, ">= 1")
     gradient_checkpointing: bool = False
 
 
@@ -63,7 +64,8 @@ class ViewConfig:
     brightness: float = ranged(0.2, "[0, 1]")    # additive, uniform in [-b, b] (image in [0, 1])
     contrast: float = ranged(0.2, "[0, 1]")      # around the mean, factor uniform in [1 - c, 1 + c]
     gamma: tuple[float, float] = ranged((0.7, 1.4), "> 0", ordered=True)
-    blur_prob: float = ranged(0.5, "[0, 1]")     # SimCLR / MoCo v2: p = 0.5, sigma 0.1-2.0 px at 224 px
+    # SimCLR / MoCo v2: p = 0.5, sigma 0.1-2.0 px at 224 px
+    blur_prob: float = ranged(0.5, "[0, 1]")
     # in pixels of the model grid
     blur_sigma: tuple[float, float] = ranged((0.1, 2.0), ">= 0", ordered=True)
     noise_std: float = ranged(0.01, ">= 0")      # additive Gaussian noise (image in [0, 1])

@@ -86,7 +86,7 @@ class InputReport:
         labelled = f"; landmarks within the image (+{LANDMARK_MARGIN:.0%} margin), spacing " \
             f"within {low}-{high} mm/px" if self.labelled else ""
         out.append(f"  all pass: {self.images} image files decode (checked in "
-                   f"{self.check_seconds:.2f} s on {self.threads} threads, after "
+                   f"{self.check_seconds:.2f} s on {self.threads} thread(s), after "
                    f"{self.read_seconds:.2f} s reading the data){labelled}")
         return out
 

@@ -241,7 +241,8 @@ CASES = [
          r"images is larger than the training pool of 6",
          overrides=["fewshot.budget=100"]),
     Case("image size the DDPM U-Net cannot take", ConfigError, r"model: model preset 'tiny' has 3 "
-         r"levels: the image size must be a positive multiple of 4, got 30", overrides=["data.image_size=30"]),
+         r"levels: the image size must be a positive multiple of 4, got 30",
+         overrides=["data.image_size=30"]),
     Case("smp image size not a multiple of 32", ConfigError, r"data\.image_size: 48 is not a "
          r"multiple of 32", overrides=["model.arch=smp_unet", "data.image_size=48"]),
     Case("test split in the pretraining pool", ConfigError, r"unlabeled\.labelled_splits: "

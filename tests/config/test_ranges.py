@@ -68,7 +68,8 @@ def test_unparseable_range_is_a_programming_error():
 
 
 @pytest.mark.parametrize("cls, override, message", [
-    (FinetuneConfig, "train.batch_size=0", r"train\.batch_size: 0 is outside the allowed range >= 1"),
+    (FinetuneConfig, "train.batch_size=0",
+     r"train\.batch_size: 0 is outside the allowed range >= 1"),
     (FinetuneConfig, "heatmap.sigma=0", r"heatmap\.sigma: 0\.0 is outside the allowed range > 0"),
     (FinetuneConfig, "data.image_size=-64", r"data\.image_size: -64 .* >= 1"),
     (FinetuneConfig, "augment.flip_prob=1.5", r"augment\.flip_prob: 1\.5 .* \[0, 1\]"),

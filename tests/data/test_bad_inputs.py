@@ -132,7 +132,8 @@ def test_errors_list_every_problem_at_once(tmp_path):
     with pytest.raises(DataError, match=r"3 images the fine-tuning run reads fail the start-up "
                        r"checks; data.on_bad_sample=skip leaves such images out:\n") as err:
         check_run_inputs(load_config(configs["finetune"], cls=FinetuneConfig))
-    assert all(f"{name}: empty file" in str(err.value) for name in ("006.png", "007.png", "008.png"))
+    assert all(f"{name}: empty file" in str(err.value)
+               for name in ("006.png", "007.png", "008.png"))
 
 
 # ------------------------------------------------------------------------ data check

@@ -145,8 +145,8 @@ def test_plan_errors_name_the_key(tmp_path, synth_root):
 
 
 @pytest.mark.parametrize("where, override, message", [
-    ("finetune_overrides", "heatmap.sigma=0", "heatmap.sigma: 0.0 is outside the allowed range > 0"),
-    ("finetune_overrides", "train.batch_size=0", "train.batch_size: 0 is outside the allowed range"),
+    ("finetune_overrides", "heatmap.sigma=0", "heatmap.sigma: 0.0 is outside the allowed range"),
+    ("finetune_overrides", "train.batch_size=0", "train.batch_size: 0 is outside the allowed"),
     ("pretrain_overrides", "data.image_size=-64", "data.image_size: -64 is outside the allowed"),
 ])
 def test_dry_run_refuses_values_outside_their_range(tmp_path, synth_root, capsys, where, override,
