@@ -159,7 +159,9 @@ def _pretrain_groups(cfg) -> tuple[list[_Group], list[str]]:
 def _classification_groups(cfg) -> tuple[list[_Group], list[str]]:
     from ddpm_landmarks.data.class_labels import load_label_task
     task = load_label_task(cfg.labels, cfg.data)
-    task.split(cfg.data.train_split)    # DataError naming the label file when it is empty
+    for split in (cfg.data.train_split, cfg.labels.val_split):
+        if split:
+            task.split(split)           # DataError naming the label file when it is empty
     groups = [_Group(f"{task.name} split {split}",
                      paths=[i.path for i in task.images if i.split == split])
               for split in task.splits]
@@ -168,8 +170,9 @@ def _classification_groups(cfg) -> tuple[list[_Group], list[str]]:
 
 def _dataset_groups(cfg) -> tuple[list[_Group], list[str]]:
     dataset = build_dataset(cfg.data)
-    groups = [_labelled(dataset.split(s) if s else dataset, f"{dataset.name}:{s or '(no split)'}")
-              for s in dataset.splits]
+    groups = [_Group(f"{dataset.name}:{split or '(no split)'}", dataset.name,
+                     records=[r for r in dataset.records if r.split == split])
+              for split in dataset.splits]
     skipped = list(dataset.skipped)
     if cfg.unlabeled.pools:
         from ddpm_landmarks.data.unlabeled import build_pools
@@ -183,14 +186,16 @@ GROUPS = {"fine-tuning": _finetune_groups, "pretraining": _pretrain_groups,
 
 
 def _problems(groups: list[_Group], threads: int) -> list[str]:
-    """Every problem of every group, each image once (decodes are shared and cached)."""
+    """Every problem of every group, one per image file (decodes are shared and cached)."""
     paths = [p for g in groups for p in g.paths]
     decoded = check_images(paths, threads)
-    problems = {str(p): decoded[p].problem for p in paths if decoded[p].problem is not None}
+    problems = {p: decoded[p].problem for p in paths if decoded[p].problem is not None}
     for g in groups:
         if g.records:
-            for record_id, message in record_problems(g.dataset, g.records, threads).items():
-                problems.setdefault(f"{g.dataset}/{record_id}", message)
+            found = record_problems(g.dataset, g.records, threads)
+            for r in g.records:
+                if r.id in found:
+                    problems.setdefault(Path(r.image_path), found[r.id])
     return list(problems.values())
 
 
