@@ -16,13 +16,17 @@ from ddpm_landmarks.config.ranges import RANGE_KEY, check_ranges, parse_range
 from ddpm_landmarks.config.schema import load_config
 from ddpm_landmarks.errors import ConfigError
 from ddpm_landmarks.experiments import grid_schema
+from ddpm_landmarks.studies import source_ranking
 
-CONFIG_MODULES = (common, training, finetune, pretrain, classify, grid_schema)
+CONFIG_MODULES = (common, training, finetune, pretrain, classify, grid_schema, source_ranking)
 
 
 def config_classes() -> list[type]:
+    """The dataclasses of the config modules (source_ranking: its RankConfig, read from
+    `rank.*` overrides; its result rows are not configs)."""
     return [obj for module in CONFIG_MODULES for obj in vars(module).values()
-            if dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__]
+            if dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__
+            and (module is not source_ranking or obj is source_ranking.RankConfig)]
 
 
 def holds_number(tp) -> bool:
