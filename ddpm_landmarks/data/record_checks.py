@@ -86,11 +86,15 @@ def check_image_file(path: str | Path) -> ImageCheck:
     return result
 
 
+MAX_THREADS = 16                        # every process of a launch decodes: do not oversubscribe
+
+
 def default_threads() -> int:
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:              # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_THREADS, cores))
 
 
 def check_images(paths: Iterable[str | Path], threads: Optional[int] = None
