@@ -26,6 +26,7 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from ddpm_landmarks.config.classify import MONITOR_KEYS, ClassifyConfig
+from ddpm_landmarks.data.checks import check_run_inputs
 from ddpm_landmarks.data.class_labels import ClassificationImages, load_label_task
 from ddpm_landmarks.data.splits import make_fewshot_split, split_files
 from ddpm_landmarks.errors import ConfigError
@@ -66,6 +67,7 @@ def _wait_for_main(task_file: Path, timeout_s: float = 600.0) -> None:
 def classify(cfg: ClassifyConfig) -> dict:
     """Run (or resume) one classification fine-tuning job; returns the engine's summary."""
     launch = Launch.from_env(cfg)
+    check_run_inputs(cfg)              # every image decodes, landmarks, spacing
 
     # ------------------------------------------------------------------ labels, split
     if not launch.is_main and not cfg.labels.file and cfg.data.dataset == "synthetic":

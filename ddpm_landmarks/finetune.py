@@ -20,6 +20,7 @@ import numpy as np
 from accelerate.utils import set_seed
 
 from ddpm_landmarks.config.finetune import FinetuneConfig
+from ddpm_landmarks.data.checks import check_run_inputs
 from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
 from ddpm_landmarks.data.registry import build_dataset
 from ddpm_landmarks.data.splits import make_fewshot_split, split_files
@@ -59,6 +60,7 @@ def check_resumed_landmarks(data: CheckpointData, num_landmarks: int) -> None:
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run (or resume) one fine-tuning job; returns the engine's summary."""
     launch = Launch.from_env(cfg)
+    check_run_inputs(cfg)              # every image decodes, landmarks, spacing
 
     # ------------------------------------------------------------------ data
     dataset = build_dataset(cfg.data)

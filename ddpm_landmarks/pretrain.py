@@ -31,6 +31,7 @@ from accelerate.utils import set_seed
 
 from ddpm_landmarks.config.pretrain import PretrainConfig, resolve_ssl_config
 from ddpm_landmarks.config.training import TrainConfig
+from ddpm_landmarks.data.checks import check_run_inputs
 from ddpm_landmarks.data.pretrain_sets import pretraining_data
 from ddpm_landmarks.errors import ConfigError, DataError
 from ddpm_landmarks.methods.registry import PRETRAINING_METHODS, SSL_METHODS
@@ -52,6 +53,7 @@ def pretrain(cfg: PretrainConfig, method_name: Optional[str] = None) -> dict:
     check_probe_config(cfg)
     check_stage_resolutions(cfg)
     launch = Launch.from_env(cfg)
+    check_run_inputs(cfg)              # every image decodes, landmarks, spacing
 
     # ------------------------------------------------------------------ data
     # Every process builds the same image list (pools are sorted; exclusions are exact).

@@ -1,4 +1,8 @@
-"""`ddpm-landmarks data inspect|preview|generate`: look at a dataset before training on it."""
+"""`ddpm-landmarks data inspect|preview|generate|check`: look at a dataset before training on it.
+
+`data check CONFIG` runs the checks every training run makes at its start (data/checks.py) on
+any config: a dataset, pretraining, fine-tuning or classification config, recognised by its
+sections (`--run` says which when the file is ambiguous)."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from ddpm_landmarks.config.schema import load_config
 from ddpm_landmarks.data.registry import build_dataset
@@ -95,6 +100,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Sections only one kind of run config has, and the config class of each kind.
+RUN_SECTIONS = {"classify": ("labels",),
+                "pretrain": ("unlabeled", "diffusion", "ssl", "probe", "curriculum", "method"),
+                "finetune": ("loss", "model", "optim", "train")}
+
+
+def config_class(path: str, run: str) -> type:
+    """The config class for `data check`: `run`, or (auto) from the file's sections."""
+    from ddpm_landmarks.config.classify import ClassifyConfig
+    from ddpm_landmarks.config.common import ExperimentConfig
+    from ddpm_landmarks.config.finetune import FinetuneConfig
+    from ddpm_landmarks.config.pretrain import PretrainConfig
+    classes = {"classify": ClassifyConfig, "pretrain": PretrainConfig,
+               "finetune": FinetuneConfig, "dataset": ExperimentConfig}
+    if run != "auto":
+        return classes[run]
+    try:
+        sections = set(yaml.safe_load(Path(path).read_text()) or {})
+    except (OSError, yaml.YAMLError, TypeError):
+        return ExperimentConfig             # load_config names the problem
+    if "fewshot" in sections and "unlabeled" in sections:
+        return ExperimentConfig             # a dataset config with pools
+    for kind, keys in RUN_SECTIONS.items():
+        if sections & set(keys):
+            return classes[kind]
+    return ExperimentConfig
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from ddpm_landmarks.data.checks import check_run_inputs
+    cfg = load_config(args.config, args.overrides, cls=config_class(args.config, args.run))
+    report = check_run_inputs(cfg, threads=args.threads)
+    print("\n".join(report.lines()))
+    return 0
+
+
 def add_parser(subparsers) -> None:
     data = subparsers.add_parser("data", help="inspect, preview or generate a dataset")
     sub = data.add_subparsers(dest="data_command", required=True)
@@ -115,6 +156,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--columns", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="which images are shown")
     p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("check", help="the checks every run makes at its start: every image "
+                       "decodes, paths, landmarks, spacing")
+    common(p)
+    p.add_argument("--run", choices=["auto", "dataset", "pretrain", "finetune", "classify"],
+                   default="auto", help="which run's inputs (auto: from the config's sections)")
+    p.add_argument("--threads", type=int, default=None, help="decoding threads (default: cores)")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("generate", help="write the synthetic dataset (done on first use anyway)")
     common(p)

@@ -17,6 +17,7 @@ from ddpm_landmarks.config.common import (
     RunConfig,
 )
 from ddpm_landmarks.config.finetune import FinetuneOptimConfig
+from ddpm_landmarks.config.ranges import ranged
 from ddpm_landmarks.config.training import LoggerConfig, TrainConfig
 
 
@@ -44,15 +45,15 @@ class ClassifierConfig:
     pretrained_path: str = ""
     preset: str = "tiny"                # ddpm_unet scratch without pretrained_path
     timestep_mode: Literal["fixed", "drop"] = "fixed"
-    timestep: int = 0
+    timestep: int = ranged(0, ">= 0")
     encoder: str = "resnet18"           # smp encoder name
     imagenet_weights: str = ""          # init=imagenet offline: state-dict file / folder
     gray_adapter: Literal["repeat", "in_channels", "colorize"] = "repeat"
     input_norm: Literal["auto", "imagenet", "none"] = "auto"
     freeze: Literal["none", "encoder"] = "none"
     head: Literal["linear", "mlp"] = "linear"
-    hidden_dim: int = 256               # mlp head
-    dropout: float = 0.0
+    hidden_dim: int = ranged(256, ">= 1")  # mlp head
+    dropout: float = ranged(0.0, "[0, 1)")
     feature_norm: bool = True           # BatchNorm1d (no affine) on the pooled features
 
 
@@ -60,13 +61,13 @@ class ClassifierConfig:
 class ClassLossConfig:
     # "none" = plain cross-entropy; "balanced" = n / (K n_k) over the training images (the
     # usual inverse-frequency rule); or one weight per class, in the order of the classes.
-    class_weights: Union[Literal["none", "balanced"], list[float]] = "none"
-    label_smoothing: float = 0.0
+    class_weights: Union[Literal["none", "balanced"], list[float]] = ranged("none", "> 0")
+    label_smoothing: float = ranged(0.0, "[0, 1)")
 
 
 @dataclass
 class ClassEvalConfig:
-    batch_size: int = 32                # inference batch (validation and evaluate-classifier)
+    batch_size: int = ranged(32, ">= 1")  # inference batch (validation and evaluate-classifier)
     # What the best/ model and early stopping follow on the validation images: the loss
     # (cross-entropy with the training class weights, no smoothing: the smoothest signal on a
     # small validation set) or 1 - accuracy / balanced accuracy / macro AUC.

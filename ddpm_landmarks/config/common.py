@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from ddpm_landmarks.config.ranges import ranged
+
 
 @dataclass
 class DataConfig:
@@ -17,26 +19,26 @@ class DataConfig:
     ground_truth: str = "mean"          # ISBI 2015: senior | junior | mean | challenge
     train_split: str = "train"
     eval_split: str = "test1"
-    image_size: int = 256               # model grid is image_size x image_size
+    image_size: int = ranged(256, ">= 1")  # model grid is image_size x image_size
     resize_mode: Literal["stretch", "letterbox"] = "stretch"  # stretch = the paper
-    num_landmarks: Optional[int] = None  # None = the dataset's own count; else checked
+    num_landmarks: Optional[int] = ranged(None, ">= 1")  # None = the dataset's own count
     on_bad_sample: Literal["error", "skip"] = "error"  # skip = count and log, never silent
     # Digital Hand Atlas: the two landmarks whose distance is 50 mm (0-based indices; Payer's
     # normalization_indizes=[1, 5], which his .mha ElementSpacing follows).
-    wrist_landmarks: tuple[int, int] = (1, 5)
+    wrist_landmarks: tuple[int, int] = ranged((1, 5), ">= 0")
     # Chest (GU2Net labels): errors are reported in pixels of this (width, height) grid.
-    reference_size: tuple[int, int] = (512, 512)
+    reference_size: tuple[int, int] = ranged((512, 512), ">= 1")
     # Synthetic data: generated into root (or the cache folder) on first use.
-    synthetic_num_images: int = 120
-    synthetic_image_size: int = 256
-    synthetic_num_landmarks: int = 8
-    synthetic_seed: int = 0
+    synthetic_num_images: int = ranged(120, ">= 1")
+    synthetic_image_size: int = ranged(256, ">= 16")
+    synthetic_num_landmarks: int = ranged(8, ">= 2")    # even: left/right pairs
+    synthetic_seed: int = ranged(0, ">= 0")
 
 
 @dataclass
 class PoolConfig:
     path: str = ""
-    weight: float = 1.0                 # relative sampling weight when pools are mixed
+    weight: float = ranged(1.0, "> 0")  # relative sampling weight when pools are mixed
     name: str = ""                      # for logs; defaults to the folder name
 
 
@@ -53,62 +55,65 @@ class UnlabeledConfig:
 
 @dataclass
 class FewShotConfig:
-    budget: Optional[int] = None        # labelled training images; None = the whole split
-    draw: int = 0                       # which draw of N (several draws per N)
-    seed: int = 0                       # base seed of the draws
+    budget: Optional[int] = ranged(None, ">= 1")  # labelled training images; None = the whole split
+    draw: int = ranged(0, ">= 0")       # which draw of N (several draws per N)
+    seed: int = ranged(0, ">= 0")       # base seed of the draws
     policy: Literal["random", "first_n"] = "random"  # first_n = the original code, for comparison
     val_policy: Literal["fixed_count", "within_budget", "none"] = "fixed_count"
-    val_count: int = 10                 # fixed_count: from the rest of the pool; within_budget: of N
+    # fixed_count: from the rest of the pool; within_budget: of N
+    val_count: int = ranged(10, ">= 0")
 
 
 @dataclass
 class AugmentConfig:
     """Geometric steps move the landmarks with the same matrix; flip needs a permutation."""
-    rotation_deg: float = 10.0
-    scale: tuple[float, float] = (0.9, 1.1)
-    translate: float = 0.05             # fraction of the model grid
-    shear_deg: float = 0.0
-    flip_prob: float = 0.0              # refused unless the dataset has a left/right permutation
-    brightness: float = 0.1             # additive, uniform in [-b, b]
-    contrast: float = 0.1               # multiplicative around the mean, 1 +/- c
-    gamma: tuple[float, float] = (0.8, 1.25)
-    clahe_prob: float = 0.0
-    noise_std: float = 0.01
-    blur_prob: float = 0.0
-    blur_sigma: tuple[float, float] = (0.1, 1.0)
+    rotation_deg: float = ranged(10.0, "[0, 180]")       # uniform in [-r, r]
+    scale: tuple[float, float] = ranged((0.9, 1.1), "> 0", ordered=True)
+    translate: float = ranged(0.05, "[0, 1]")            # fraction of the model grid
+    shear_deg: float = ranged(0.0, "[0, 60]")
+    # refused unless the dataset has a left/right permutation
+    flip_prob: float = ranged(0.0, "[0, 1]")
+    brightness: float = ranged(0.1, "[0, 1]")            # additive, uniform in [-b, b]
+    contrast: float = ranged(0.1, "[0, 1]")              # multiplicative around the mean, 1 +/- c
+    gamma: tuple[float, float] = ranged((0.8, 1.25), "> 0", ordered=True)
+    clahe_prob: float = ranged(0.0, "[0, 1]")
+    noise_std: float = ranged(0.01, ">= 0")
+    blur_prob: float = ranged(0.0, "[0, 1]")
+    blur_sigma: tuple[float, float] = ranged((0.1, 1.0), ">= 0", ordered=True)  # pixels
 
 
 @dataclass
 class HeatmapConfig:
     kind: Literal["gaussian", "disc"] = "gaussian"  # disc = thresholded target of the original code
-    sigma: float = 3.0                  # in model-grid pixels
-    disc_radius: float = 5.0            # in model-grid pixels (disc target)
+    sigma: float = ranged(3.0, "> 0")   # in model-grid pixels
+    disc_radius: float = ranged(5.0, "> 0")  # in model-grid pixels (disc target)
 
 
 @dataclass
 class DecoderConfig:
     name: Literal["argmax", "parabola", "soft_argmax", "contour"] = "parabola"
-    window: int = 5                     # soft_argmax: half-width of the window around the peak
-    min_peak: float = 0.05              # below this peak value a channel is reported missing
-    contour_threshold: float = 0.5      # contour: fraction of the peak that defines the blob
+    window: int = ranged(5, ">= 1")     # soft_argmax: half-width of the window around the peak
+    # below this peak value a channel is reported missing; -inf = never (validation's choice)
+    min_peak: float = ranged(0.05, "any")
+    contour_threshold: float = ranged(0.5, "(0, 1)")  # contour: fraction of the peak (the blob)
 
 
 @dataclass
 class EvalConfig:
     # SDR radii in the dataset's unit; None = the dataset's usual ones (head 2/2.5/3/4 mm,
     # hand 2/4/10 mm, ...).
-    sdr_thresholds: Optional[list[float]] = None
+    sdr_thresholds: Optional[list[float]] = ranged(None, "> 0")
     sdr_inclusive: bool = True          # error <= threshold counts as detected (the field's habit)
     flip_tta: bool = False              # average with the flipped image (needs a flip permutation)
-    batch_size: int = 16                # inference batch
-    overlays: int = 3                   # best and worst images drawn with predictions
+    batch_size: int = ranged(16, ">= 1")  # inference batch
+    overlays: int = ranged(3, ">= 0")   # best and worst images drawn with predictions
 
 
 @dataclass
 class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
-    seed: int = 0
+    seed: int = ranged(0, ">= 0")
     # A fresh run (train.resume='') into a folder that holds another run is an error; true
     # moves the old contents aside (<run>.replaced-<time>) first (training/run_folder.py).
     overwrite: bool = False

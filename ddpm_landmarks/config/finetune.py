@@ -17,7 +17,11 @@ from ddpm_landmarks.config.common import (
     HeatmapConfig,
     RunConfig,
 )
+from ddpm_landmarks.config.ranges import dotted, ranged
 from ddpm_landmarks.config.training import LoggerConfig, OptimConfig, TrainConfig
+from ddpm_landmarks.errors import ConfigError
+
+SMP_SIZE_MULTIPLE = 32                  # smp encoders: five stride-2 stages
 
 
 @dataclass
@@ -33,7 +37,7 @@ class RegressorConfig:
     pretrained_path: str = ""
     preset: str = "tiny"                # scratch without pretrained_path: ddpm_landmarks.models.unet
     timestep_mode: Literal["fixed", "drop"] = "fixed"
-    timestep: int = 0
+    timestep: int = ranged(0, ">= 0")   # < the pretraining's diffusion.num_train_timesteps
     noise_input: bool = False           # needs the exported scheduler (pretrained_path/scheduler)
     freeze: Literal["none", "encoder", "unet"] = "none"
     head: Literal["conv1x1", "small"] = "conv1x1"
@@ -66,10 +70,12 @@ class LossConfig:
     # mse / bce / softmax_ce (spatial softmax) / channel_ce (the released code's
     # nn.CrossEntropyLoss over landmark channels); see heatmaps/losses.py.
     name: Literal["mse", "bce", "softmax_ce", "channel_ce"] = "mse"
-    foreground_weight: float = 1.0      # mse: weight of pixels with target > foreground_threshold
-    foreground_threshold: float = 0.1
-    pos_weight: Optional[float] = None  # bce: weight of the positive term
-    softmax_threshold: float = 0.5      # softmax_ce / channel_ce: target > threshold = the class
+    # mse: weight of pixels with target > foreground_threshold
+    foreground_weight: float = ranged(1.0, "> 0")
+    foreground_threshold: float = ranged(0.1, "[0, 1)")
+    pos_weight: Optional[float] = ranged(None, "> 0")   # bce: weight of the positive term
+    # softmax_ce / channel_ce: target > threshold = the class
+    softmax_threshold: float = ranged(0.5, "[0, 1)")
 
     def kwargs(self) -> dict:
         """Keyword arguments of heatmaps.losses.LOSSES[name]."""
@@ -86,13 +92,13 @@ class FinetuneOptimConfig(OptimConfig):
     """AdamW with per-part learning rates: `lr` for the pretrained body, `head_lr` for the new
     head (None = lr). "plateau" = warm-up, then the lr is multiplied by plateau_factor after
     plateau_patience evaluations without a better validation MRE (needs train.eval_every)."""
-    lr: float = 1e-4
-    head_lr: Optional[float] = 1e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 50
+    lr: float = ranged(1e-4, "> 0")
+    head_lr: Optional[float] = ranged(1e-3, "> 0")
+    weight_decay: float = ranged(1e-4, ">= 0")
+    warmup_steps: int = ranged(50, ">= 0")
     schedule: Literal["cosine", "constant", "plateau"] = "cosine"
-    plateau_factor: float = 0.5
-    plateau_patience: int = 3
+    plateau_factor: float = ranged(0.5, "(0, 1)")
+    plateau_patience: int = ranged(3, ">= 1")
 
 
 def _finetune_train() -> TrainConfig:
@@ -115,3 +121,12 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=_finetune_train)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def check_fields(self, prefix: str = "") -> None:
+        """Rules joining two fields (config/ranges.py): the smp U-Nets downsample five times,
+        so their input side is a multiple of 32. The DDPM U-Net's rule depends on its levels
+        (the export's config), checked when the model is built, before the run writes."""
+        if self.model.arch.startswith("smp_") and self.data.image_size % SMP_SIZE_MULTIPLE:
+            raise ConfigError(f"{dotted(prefix, 'data.image_size')}: {self.data.image_size} "
+                              f"is not a multiple of {SMP_SIZE_MULTIPLE}, which model.arch="
+                              f"{self.model.arch} needs (five stride-2 stages)")

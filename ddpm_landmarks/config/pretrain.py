@@ -15,26 +15,35 @@ from ddpm_landmarks.config.common import (
     RunConfig,
     UnlabeledConfig,
 )
+from ddpm_landmarks.config.ranges import dotted, ranged
 from ddpm_landmarks.config.training import LoggerConfig, OptimConfig, TrainConfig
+from ddpm_landmarks.errors import ConfigError
 
 
 @dataclass
 class ModelConfig:
     preset: str = "tiny"                # tiny | small | base | paper (ddpm_landmarks.models.unet)
-    sample_size: Optional[int] = None   # None = the preset's resolution (= data.image_size)
+    # None = the preset's resolution (= data.image_size)
+    sample_size: Optional[int] = ranged(None, ">= 1")
     gradient_checkpointing: bool = False
 
 
 @dataclass
 class DiffusionConfig:
-    num_train_timesteps: int = 1000     # the paper: 500
+    num_train_timesteps: int = ranged(1000, ">= 2")  # the paper: 500
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    beta_start: float = ranged(1e-4, "(0, 1)")       # <= beta_end
+    beta_end: float = ranged(0.02, "(0, 1)")
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
-    min_snr_gamma: Optional[float] = None  # None = plain MSE; 5.0 = Hang et al. 2023
-    sample_steps: int = 25              # DDIM steps for the logged sample grid
-    num_samples: int = 8                # images in the logged grids
+    min_snr_gamma: Optional[float] = ranged(None, "> 0")  # None = plain MSE; 5.0 = Hang et al. 2023
+    sample_steps: int = ranged(25, ">= 1")           # DDIM steps for the logged sample grid
+    num_samples: int = ranged(8, ">= 1")             # images in the logged grids
+
+    def check_fields(self, prefix: str = "") -> None:
+        """beta_start <= beta_end (config/ranges.py: rules joining two fields)."""
+        if self.beta_start > self.beta_end:
+            raise ConfigError(f"{dotted(prefix, 'beta_start')}: {self.beta_start} is above "
+                              f"beta_end {self.beta_end}; the noise schedule must increase")
 
 
 @dataclass
@@ -47,17 +56,19 @@ class ViewConfig:
     hue and saturation), a Gaussian blur with probability `blur_prob`, and Gaussian noise.
     Defaults are ours for x-rays: the papers crop from 8-20 % of an ImageNet image and flip.
     """
-    crop_scale: tuple[float, float] = (0.3, 1.0)
-    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
-    rotation_deg: float = 10.0
-    flip_prob: float = 0.0              # anatomy has a side: off unless asked for
-    jitter_prob: float = 0.8            # SimCLR / MoCo v2 apply colour jitter with p = 0.8
-    brightness: float = 0.2             # additive, uniform in [-b, b] (image in [0, 1])
-    contrast: float = 0.2               # around the mean, factor uniform in [1 - c, 1 + c]
-    gamma: tuple[float, float] = (0.7, 1.4)
-    blur_prob: float = 0.5              # SimCLR / MoCo v2: p = 0.5, sigma 0.1-2.0 px at 224 px
-    blur_sigma: tuple[float, float] = (0.1, 2.0)   # in pixels of the model grid
-    noise_std: float = 0.01             # additive Gaussian noise (image in [0, 1])
+    crop_scale: tuple[float, float] = ranged((0.3, 1.0), "(0, 1]", ordered=True)
+    crop_ratio: tuple[float, float] = ranged((0.75, 1.3333333333333333), "> 0", ordered=True)
+    rotation_deg: float = ranged(10.0, "[0, 180]")
+    flip_prob: float = ranged(0.0, "[0, 1]")     # anatomy has a side: off unless asked for
+    jitter_prob: float = ranged(0.8, "[0, 1]")   # SimCLR / MoCo v2 apply colour jitter with p = 0.8
+    brightness: float = ranged(0.2, "[0, 1]")    # additive, uniform in [-b, b] (image in [0, 1])
+    contrast: float = ranged(0.2, "[0, 1]")      # around the mean, factor uniform in [1 - c, 1 + c]
+    gamma: tuple[float, float] = ranged((0.7, 1.4), "> 0", ordered=True)
+    # SimCLR / MoCo v2: p = 0.5, sigma 0.1-2.0 px at 224 px
+    blur_prob: float = ranged(0.5, "[0, 1]")
+    # in pixels of the model grid
+    blur_sigma: tuple[float, float] = ranged((0.1, 2.0), ">= 0", ordered=True)
+    noise_std: float = ranged(0.01, ">= 0")      # additive Gaussian noise (image in [0, 1])
 
 
 @dataclass
@@ -68,17 +79,19 @@ class SSLConfig:
     resolve_ssl_config before the run's config.yaml is written, so the run records the values.
     """
     encoder: str = "resnet18"           # segmentation_models_pytorch encoder name
-    in_channels: int = 1                # 1 = gray x-ray; 3 = the gray image repeated
-    proj_dim: Optional[int] = None      # projection output (SimCLR / MoCo v2 128, MoCo v3 256)
-    hidden_dim: Optional[int] = None    # MLP hidden width; None: see SSL_DEFAULTS
-    proj_layers: int = 2                # projection MLP depth (MoCo v3's ViT recipe uses 3)
-    temperature: Optional[float] = None
+    in_channels: int = ranged(1, "{1, 3}")   # 1 = gray x-ray; 3 = the gray image repeated
+    # projection output (SimCLR / MoCo v2 128, MoCo v3 256)
+    proj_dim: Optional[int] = ranged(None, ">= 1")
+    hidden_dim: Optional[int] = ranged(None, ">= 1")  # MLP hidden width; None: see SSL_DEFAULTS
+    proj_layers: int = ranged(2, ">= 1")      # projection MLP depth (MoCo v3's ViT recipe uses 3)
+    temperature: Optional[float] = ranged(None, "> 0")
     # MoCo v2 queue (the paper: 65536 of 1.28 M images). A multiple of the global batch, and
     # queue + global batch <= the number of images, else an image's own older key is among its
     # negatives (warned at the start of a run).
-    queue_size: int = 1024
-    momentum: Optional[float] = None    # MoCo v2 0.999; MoCo v3 0.99 (start of its cosine)
-    momentum_end: float = 1.0           # MoCo v3: momentum at the last step
+    queue_size: int = ranged(1024, ">= 1")
+    # MoCo v2 0.999; MoCo v3 0.99 (start of its cosine)
+    momentum: Optional[float] = ranged(None, "[0, 1]")
+    momentum_end: float = ranged(1.0, "[0, 1]")  # MoCo v3: momentum at the last step
     sync_bn: bool = True                # SimCLR, MoCo v3: SyncBatchNorm across GPU processes
     shuffle_bn: bool = True             # MoCo v2: shuffle keys across processes (shuffling BN)
     views: ViewConfig = field(default_factory=ViewConfig)
@@ -119,20 +132,20 @@ class ProbeConfig:
     current (EMA) model for `num_train` labelled images and scored on `num_val` others (MRE /
     SDR in the dataset's unit, logged as probe/*); run_dir/best/ keeps the export at the best
     probe MRE."""
-    every: int = 0                      # optimiser steps; 0 = off
+    every: int = ranged(0, ">= 0")      # optimiser steps; 0 = off
     dataset: str = ""                   # a dataset config (its data section); "" = this run's data
     split: str = ""                     # labelled pool; "" = data.train_split (never a test split)
-    num_train: int = 10                 # labelled images the head is trained on
-    num_val: int = 10                   # images it is scored on, drawn from the rest of the pool
-    seed: int = 0                       # of the image draw
-    sigma: float = 2.0                  # Gaussian targets, model-grid pixels
-    foreground_weight: float = 5.0      # of the heatmap MSE (heatmaps/losses.py)
-    ridge: float = 0.01                 # L2 penalty of the head (features are standardised)
+    num_train: int = ranged(10, ">= 1")  # labelled images the head is trained on
+    num_val: int = ranged(10, ">= 1")   # images it is scored on, drawn from the rest of the pool
+    seed: int = ranged(0, ">= 0")       # of the image draw
+    sigma: float = ranged(2.0, "> 0")   # Gaussian targets, model-grid pixels
+    foreground_weight: float = ranged(5.0, "> 0")  # of the heatmap MSE (heatmaps/losses.py)
+    ridge: float = ranged(0.01, "> 0")  # L2 penalty of the head (features are standardised)
     # Feature maps are resized to the finest one's side, at most feature_size, before the
     # head; memory ~ channels x side^2 x num_train floats (tiny at 64 px: 224 x 64^2 x 10).
-    feature_size: int = 64
-    batch_size: int = 16                # feature-extraction batch
-    sdr_thresholds: Optional[list[float]] = None  # None = the dataset's usual radii
+    feature_size: int = ranged(64, ">= 1")
+    batch_size: int = ranged(16, ">= 1")  # feature-extraction batch
+    sdr_thresholds: Optional[list[float]] = ranged(None, "> 0")  # None = the dataset's usual radii
 
 
 @dataclass
@@ -140,16 +153,18 @@ class CurriculumStage:
     """One stage of a pretraining curriculum (data/curriculum.py). A stage trains the optimiser
     steps after the previous stage's `until_step` up to and including its own."""
     name: str = ""                      # for logs and curriculum.json; "" = "stage<index>"
-    until_step: Optional[int] = None    # last optimiser step (1-based); None = to train.max_steps
+    # last optimiser step (1-based); None = to train.max_steps
+    until_step: Optional[int] = ranged(None, ">= 1")
     # Pool name (unlabeled.pools[].name, or "<dataset>:<split>" for unlabeled.labelled_splits)
     # -> sampling weight in this stage; {} = every pool at its configured weight.
-    pools: dict[str, float] = field(default_factory=dict)
+    pools: dict[str, float] = ranged({}, "> 0")
     # Multiplier of the augmentation ranges (augment for ddpm, ssl.views for the SSL methods):
     # 0 = identity, 1 = as configured; probabilities are kept (curriculum.scale_augment).
-    augment_strength: float = 1.0
+    augment_strength: float = ranged(1.0, ">= 0")
     augment: dict[str, Any] = field(default_factory=dict)   # explicit augment.* values (ddpm)
     views: dict[str, Any] = field(default_factory=dict)     # explicit ssl.views.* values (SSL)
-    image_size: Optional[int] = None    # training resolution of the stage; None = data.image_size
+    # training resolution of the stage; None = data.image_size
+    image_size: Optional[int] = ranged(None, ">= 1")
 
 
 @dataclass
@@ -176,3 +191,12 @@ class PretrainConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def check_fields(self, prefix: str = "") -> None:
+        """Never pretrain on the split results are reported on (config/ranges.py: rules
+        joining two fields; exclusions of other datasets' test splits: unlabeled.exclude)."""
+        if self.data.eval_split in self.unlabeled.labelled_splits:
+            raise ConfigError(f"{dotted(prefix, 'unlabeled.labelled_splits')}: "
+                              f"{self.unlabeled.labelled_splits} includes data.eval_split "
+                              f"{self.data.eval_split!r}, the split results are reported on; "
+                              f"never pretrain on it")

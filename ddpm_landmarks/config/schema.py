@@ -4,8 +4,10 @@
     save_config(cfg, run_dir / "config.yaml")
 
 Every key is checked against the dataclass fields: an unknown key, or a value of the wrong
-type, raises ConfigError naming the dotted key and listing the valid ones. Nothing is coerced
-silently except the two conversions YAML cannot express (int -> float, list -> tuple).
+type, raises ConfigError naming the dotted key and listing the valid ones; a number outside the
+range declared next to its field (config/ranges.py) raises ConfigError naming the key and the
+range. Nothing is coerced silently except the two conversions YAML cannot express (int ->
+float, list -> tuple).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from ddpm_landmarks.config.common import ExperimentConfig
+from ddpm_landmarks.config.ranges import check_ranges
 from ddpm_landmarks.errors import ConfigError
 from ddpm_landmarks.utils.atomic import atomic_write_text
 
@@ -110,7 +113,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict; unknown keys are errors that list valid ones."""
+    """Build dataclass `cls` from a nested dict; unknown keys are errors that list valid ones,
+    values outside their declared range (config/ranges.py) errors naming key and range."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -119,7 +123,9 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"unknown config key '{dotted}'; valid keys here: {', '.join(names)}")
         kwargs[key] = _convert(value, hints[key], dotted)
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    check_ranges(built, prefix)
+    return built
 
 
 def to_dict(cfg: Any) -> dict:

@@ -24,7 +24,8 @@ Where the images are:
 Classes are the sorted distinct labels of the rows (numerically when every label is an
 integer, so 2 < 10). Every problem is a DataError naming the file and line: a missing column,
 an empty or duplicated image, an image not found, a split outside the valid names, a class
-without any training image.
+without any training image. With data.on_bad_sample=skip, images that do not decode (and rows
+of images the dataset reader skipped) are left out and listed in `task.skipped`.
 
 Images go through the landmark pipeline with zero landmarks (HeatmapDataset, LandmarkTransform):
 the same resize (stretch / letterbox), augmentation, DICOM reading and per-item randomness as
@@ -34,7 +35,7 @@ off (augment.flip_prob=0) when a label has a side.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -45,6 +46,7 @@ from ddpm_landmarks.config.classify import LabelsConfig
 from ddpm_landmarks.config.common import AugmentConfig, DataConfig, HeatmapConfig
 from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
 from ddpm_landmarks.data.randomness import ItemRandomness
+from ddpm_landmarks.data.record_checks import check_images
 from ddpm_landmarks.data.sample import LandmarkDataset, Record
 from ddpm_landmarks.data.unlabeled import find_images, image_id
 from ddpm_landmarks.errors import DataError
@@ -152,6 +154,7 @@ class ClassificationTask:
     classes: list[str]
     source: Path                        # the label file
     name: str                           # for logs: the label file's stem and the dataset
+    skipped: list[str] = field(default_factory=list)   # on_bad_sample=skip: left out, why
 
     @property
     def splits(self) -> list[str]:
@@ -199,13 +202,18 @@ def _folder_images(rows: list[LabelRow], folder: Path, file: Path) -> list[Label
     return out
 
 
-def _dataset_images(rows: list[LabelRow], dataset: LandmarkDataset,
-                    file: Path) -> list[LabelledImage]:
+def _dataset_images(rows: list[LabelRow], dataset: LandmarkDataset, file: Path,
+                    skipped: list[str]) -> list[LabelledImage]:
     index = _Index(f"dataset {dataset.name} ({len(dataset)} images)")
     for r in dataset.records:
         index.add([r.id, r.image_path.name], r)
     out = []
     for row in rows:
+        reason = dataset.skipped_names.get(row.image) or \
+            dataset.skipped_names.get(image_id(row.image))
+        if reason is not None:      # left out by the reader (on_bad_sample=skip)
+            skipped.append(f"{file} line {row.line}: {reason}")
+            continue
         r = index.find(row.image, file, row.line)
         out.append(LabelledImage(r.id, row.image, r.image_path, row.label,
                                  row.split if row.split is not None else r.split, row.line,
@@ -230,6 +238,8 @@ def load_label_task(cfg: LabelsConfig, data: DataConfig,
         cfg, data = synthetic_marker_task(cfg, data)
     file = expand_path(cfg.file)
     rows = read_label_csv(file, cfg)
+    has_split_column = rows[0].split is not None
+    skipped: list[str] = []
     if cfg.images:
         folder = expand_path(cfg.images)
         if not folder.is_dir():
@@ -238,7 +248,9 @@ def load_label_task(cfg: LabelsConfig, data: DataConfig,
     else:
         from ddpm_landmarks.data.registry import build_dataset
         dataset = build_dataset(data)
-        images, name = _dataset_images(rows, dataset, file), dataset.name
+        images, name = _dataset_images(rows, dataset, file, skipped), dataset.name
+        found_lines = {i.line for i in images}
+        rows = [row for row in rows if row.line in found_lines]
     first: dict[str, LabelledImage] = {}
     for image in images:            # "a.png" and "a" are one image
         if image.id in first:
@@ -247,7 +259,7 @@ def load_label_task(cfg: LabelsConfig, data: DataConfig,
                             f"{first[image.id].name!r})")
         first[image.id] = image
     allowed = valid_splits(cfg, data, extra_splits)
-    if rows[0].split is not None:
+    if has_split_column:
         for image, row in zip(images, rows):
             if image.split not in allowed:
                 raise DataError(f"{file} line {row.line}: split {image.split!r} is not one of "
@@ -256,8 +268,13 @@ def load_label_task(cfg: LabelsConfig, data: DataConfig,
     else:
         # The dataset's own splits (not typed by the user): rows of other splits stay unused.
         images = [i for i in images if i.split in allowed]
+    if data.on_bad_sample == "skip":
+        checked = check_images(i.path for i in images)
+        skipped += [f"{file} line {i.line}: {checked[i.path].problem}" for i in images
+                    if checked[i.path].problem is not None]
+        images = [i for i in images if checked[i.path].problem is None]
     task = ClassificationTask(images, sorted_classes([i.label for i in images]), file,
-                              f"{file.stem}@{name}")
+                              f"{file.stem}@{name}", skipped)
     if len(task.classes) < 2:
         raise DataError(f"{file}: {len(task.classes)} class(es) {task.classes}: classification "
                         f"needs at least 2")

@@ -3,9 +3,14 @@
 Grey values, in the order the standard defines (PS3.4 N.2):
 1. stored values -> Modality LUT (or Rescale Slope/Intercept): manufacturer-independent values;
 2. -> VOI LUT (or Window Centre/Width, the first of several): the grey range the acquiring
-   site chose to display. When neither exists the data's own min..max is used;
+   site chose to display;
 3. -> [0, 1]: windowing is normalised by its output range (not the image's min/max, so the
-   site's window is kept), a VOI LUT by the range of its entries;
+   site's window is kept), a VOI LUT by the range of its entries. Without either, by the range
+   the stored bits can hold (BitsStored, signed per PixelRepresentation: 12-bit data in a
+   16-bit container spans 0..4095, not 0..65535) sent through step 1, never the image's own
+   min..max (a per-image stretch changes contrast from image to image). pydicom 3 already
+   masks the bits above BitsStored when it decodes, and its windowing takes its output range
+   from BitsStored too; float pixel data (no BitsStored) falls back to its min..max;
 4. MONOCHROME1 (low value = white) is inverted, so bone is bright in every image, as in
    MONOCHROME2 and in the PNGs the rest of the package reads. A Presentation LUT Shape is not
    applied on top: for DX it only restates the photometric interpretation (INVERSE for
@@ -173,7 +178,22 @@ def _voi_to_unit(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
             low, high = (float(v) for v in apply_voi_lut(np.array([-1e30, 1e30]), ds))
     else:
         out = values.astype(np.float64)
-        low, high = float(out.min()), float(out.max())
+        low, high = _stored_range(ds, out)
     if high == low:  # constant image (or a degenerate LUT): nothing to show
         return np.zeros(out.shape, dtype=np.float64)
     return (out - low) / (high - low)
+
+
+def _stored_range(ds: pydicom.Dataset, values: np.ndarray) -> tuple[float, float]:
+    """(low, high) of what the stored bits can hold (BitsStored, PixelRepresentation) after
+    the Modality LUT / rescale; float pixel data has no stored bits: its own min..max."""
+    bits = ds.get("BitsStored")
+    if "PixelData" not in ds or not bits:
+        return float(values.min()), float(values.max())
+    bits = int(bits)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:        # two's complement
+        ends = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1], dtype=np.int64)
+    else:
+        ends = np.array([0, 2 ** bits - 1], dtype=np.int64)
+    mapped = np.asarray(apply_modality_lut(ends, ds), dtype=np.float64)
+    return float(mapped.min()), float(mapped.max())           # a negative slope swaps them

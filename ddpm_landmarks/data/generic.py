@@ -13,6 +13,8 @@ taken exactly from orig_coords/ when present: re-deriving them from 3-decimal re
 would add rounding); `new_w,new_h` is the file's own size (read from the image when absent).
 Spacing, mm per ORIGINAL pixel: `spacing_mm_x,spacing_mm_y`, else `spacing_mm`, else
 `orig_spacing_mm` (both isotropic); `unknown` or empty = None. `split` names the split.
+Image names are paths relative to images/: an absolute path, a `..` component or a symlink
+leading out of images/ is an error naming the file and line (record_checks.inside_folder).
 
 The shared isbi2015, aasce2019_spine and hand_dha folders are this layout. Images with manifest
 rows but no landmark rows (AASCE's unlabelled challenge test) are not records: they are listed in
@@ -31,6 +33,7 @@ import numpy as np
 
 from ddpm_landmarks.data.dicom import read_dicom_spacing
 from ddpm_landmarks.data.image_io import IMAGE_SUFFIXES, image_size, is_dicom
+from ddpm_landmarks.data.record_checks import inside_folder
 from ddpm_landmarks.data.sample import (
     LandmarkDataset,
     Record,
@@ -55,13 +58,13 @@ class BadSamples:
             raise DataError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
         self.on_bad, self.name, self.log = on_bad, name, logger
         self.messages: list[str] = []
-        self.keys: set[str] = set()
+        self.keys: dict[str, str] = {}      # image -> its first problem
 
     def report(self, key: str, message: str) -> None:
         if self.on_bad == "error":
             raise DataError(message)
         self.messages.append(message)
-        self.keys.add(key)
+        self.keys.setdefault(key, message)
 
     def __contains__(self, key: str) -> bool:
         return key in self.keys
@@ -69,6 +72,7 @@ class BadSamples:
     def attach(self, dataset: LandmarkDataset) -> LandmarkDataset:
         """Store the messages on the dataset and say how many images were skipped."""
         dataset.skipped = list(self.messages)
+        dataset.skipped_names = dict(self.keys)
         if self.keys:
             self.log.warning("%s: skipped %d image(s) with bad data (on_bad='skip'); first problem: %s",
                         self.name, len(self.keys), self.messages[0])
@@ -280,9 +284,9 @@ def read_landmark_folder(root: str | Path, landmarks_file: str = "landmarks.csv"
         if image in bad:
             continue
         where = f"{lm_path} line {lines[image]}"
-        path = root / images_dir / image
         row = manifest.get(image) if manifest is not None else None
         try:
+            path = inside_folder(root / images_dir, image, where)
             if path.suffix.lower() not in IMAGE_SUFFIXES and path.suffix != "":
                 raise DataError(f"{where}: {image} is not an image file ({IMAGE_SUFFIXES})")
             if not path.is_file():
@@ -330,16 +334,20 @@ def read_landmark_folder(root: str | Path, landmarks_file: str = "landmarks.csv"
             spacing = default_spacing_mm
         records.append(Record(id=stem, image_path=path, landmarks=points, spacing_mm=spacing,
                               original_size=orig_size, split=row.split if row else "",
-                              meta={"file": image}))
+                              meta={"file": image, "source": where}))
 
     # Manifest rows without landmark rows: unlabelled images, not records; their files must exist.
     unlabeled = []
     for image, row in (manifest or {}).items():
         if image in stored or image in bad:
             continue
-        if not (root / images_dir / image).is_file():
-            bad.report(image, f"{manifest_path} line {row.line}: image file not found: "
-                              f"{root / images_dir / image}")
+        try:
+            path = inside_folder(root / images_dir, image, f"{manifest_path} line {row.line}")
+        except DataError as err:
+            bad.report(image, str(err))
+            continue
+        if not path.is_file():
+            bad.report(image, f"{manifest_path} line {row.line}: image file not found: {path}")
             continue
         unlabeled.append(image)
     if unlabeled:

@@ -12,7 +12,9 @@ Items are float32 tensors (1, S, S) in [-1, 1] (the range DDPM noise schedules a
 Which images: the kept images of cfg.unlabeled.pools, plus, when cfg.unlabeled.labelled_splits
 is set, the images of those splits of cfg.data.dataset, each split one more pool of weight 1.0
 (there is no config key for it). The exclusion rules (cfg.unlabeled.exclude) apply to both, and
-an image already in an earlier pool is not added twice.
+an image already in an earlier pool is not added twice. With cfg.data.on_bad_sample=skip the
+kept images are decoded once (data/record_checks.py) and those that do not decode are left out
+and counted in the report, so that none is met mid-training.
 
 Mixing by weight: pool_slots gives pool p a share of an epoch proportional to its weight,
 whatever its size; pool_weighted_subset wraps that as a Subset for the engine's uniform
@@ -37,6 +39,7 @@ from ddpm_landmarks.config.common import AugmentConfig
 from ddpm_landmarks.data.image_io import read_image
 from ddpm_landmarks.data.intensity import random_intensity
 from ddpm_landmarks.data.randomness import ItemRandomness
+from ddpm_landmarks.data.record_checks import check_images
 from ddpm_landmarks.data.transforms import (
     original_to_model_matrix,
     random_affine_matrix,
@@ -159,6 +162,22 @@ def _labelled_split_pools(cfg, seen: set[Path], report: ExclusionReport) -> list
     return pools
 
 
+def _decodable(pool: UnlabeledPool, report: ExclusionReport) -> UnlabeledPool:
+    """The pool without the images that do not decode (their messages go into `report`)."""
+    checked = check_images(pool.paths)
+    bad = [checked[p].problem for p in pool.paths if checked[p].problem is not None]
+    if not bad:
+        return pool
+    report.unreadable += bad
+    log.warning("pool '%s': %d image(s) do not decode and are left out (on_bad_sample=skip); "
+                "first: %s", pool.name, len(bad), bad[0])
+    kept = [p for p in pool.paths if checked[p].problem is None]
+    if not kept:
+        raise DataError(f"unlabeled pool '{pool.name}' ({pool.root}): none of its "
+                        f"{len(pool.paths)} images decodes; first: {bad[0]}")
+    return UnlabeledPool(name=pool.name, root=pool.root, paths=kept, weight=pool.weight)
+
+
 def build_pretrain_pools(cfg) -> MixedPools:
     """The MixedPools of a PretrainConfig: cfg.unlabeled.pools, then the labelled splits."""
     un = cfg.unlabeled
@@ -175,6 +194,8 @@ def build_pretrain_pools(cfg) -> MixedPools:
     if un.labelled_splits:
         seen = {p for pool in pools for p in pool.paths}
         pools += _labelled_split_pools(cfg, seen, report)
+    if cfg.data.on_bad_sample == "skip":
+        pools = [_decodable(pool, report) for pool in pools]
     result = MixedPools(pools, report)
     if len(result) == 0:   # cannot happen (every pool is checked), but never train on nothing
         raise DataError(f"no pretraining images in pools {[p.name for p in pools]}")

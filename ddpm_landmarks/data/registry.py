@@ -5,17 +5,27 @@
 Where the data lives: DataConfig.root when set (~ and $VARS expanded), else
 $DDPM_LANDMARKS_DATA/<default folder> with DDPM_LANDMARKS_DATA defaulting to `data` (relative
 to the working directory). The default folders are the names of ../shared/data.
+
+With data.on_bad_sample=skip, build_dataset also leaves out every image that fails the checks
+of data/record_checks.py (it does not decode, a landmark lies outside it, its spacing is
+implausible): it decodes every image once, so that a bad file is counted when the dataset is
+read and never met mid-training. With `error` (the default) those checks are the run's
+start-up check (data/checks.py), and reading does not decode.
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Callable
 
 from ddpm_landmarks.config.common import DataConfig
+from ddpm_landmarks.data.record_checks import without_unusable_records
 from ddpm_landmarks.data.sample import LandmarkDataset
 from ddpm_landmarks.errors import DataError
 from ddpm_landmarks.utils.paths import DATA_ENV, data_dir, expand_path
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SUBDIRS = {
     "isbi2015": "isbi2015",
@@ -104,4 +114,11 @@ def build_dataset(cfg: DataConfig) -> LandmarkDataset:
     if cfg.num_landmarks is not None and cfg.num_landmarks != dataset.num_landmarks:
         raise DataError(f"{cfg.dataset}: data.num_landmarks is {cfg.num_landmarks} but the "
                         f"dataset has {dataset.num_landmarks} landmarks")
+    if cfg.on_bad_sample == "skip":
+        before = len(dataset.skipped)
+        dataset = without_unusable_records(dataset)
+        if len(dataset.skipped) > before:
+            log.warning("%s: skipped %d image(s) that fail the start-up checks "
+                        "(on_bad_sample=skip); first: %s", dataset.name,
+                        len(dataset.skipped) - before, dataset.skipped[before])
     return dataset

@@ -120,6 +120,7 @@ class LandmarkDataset:
         # Filled by readers: problems skipped under on_bad="skip", images present without any
         # landmarks (usable for pretraining), annotated ids whose image is absent.
         self.skipped: list[str] = []
+        self.skipped_names: dict[str, str] = {}  # id / file name of a skipped image -> why
         self.unlabeled: list = []
         self.absent_ids: list[str] = []
         for r in self.records:

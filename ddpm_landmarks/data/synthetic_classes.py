@@ -27,7 +27,7 @@ from ddpm_landmarks.data.synthetic import (
     default_cache_dir,
     spec_from_config,
 )
-from ddpm_landmarks.utils.atomic import atomic_directory
+from ddpm_landmarks.utils.atomic import directory_once
 from ddpm_landmarks.utils.paths import expand_path
 
 MARKER_VERSION = 1
@@ -65,7 +65,7 @@ def synthetic_marker_task(labels_cfg, data: DataConfig):
         dataset = build_synthetic_dataset(data)
         rng = np.random.default_rng(data.synthetic_seed + 7_777)
         counts = rng.permutation(np.arange(len(dataset)) % NUM_CLASSES)
-        with atomic_directory(out) as tmp:
+        with directory_once(out) as tmp:      # several ranks may get here at once
             (tmp / "images").mkdir()
             rows = ["image,label,split"]
             for record, count in zip(dataset.records, counts):

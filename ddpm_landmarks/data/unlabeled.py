@@ -85,6 +85,8 @@ class ExclusionReport:
     found: int = 0
     kept: int = 0
     per_rule: dict[str, int] = field(default_factory=dict)
+    # Kept images that do not decode, left out under data.on_bad_sample=skip (their messages).
+    unreadable: list[str] = field(default_factory=list)
 
     @property
     def excluded(self) -> int:
@@ -92,7 +94,10 @@ class ExclusionReport:
 
     def summary(self) -> str:
         rules = ", ".join(f"{rule!r}: {n}" for rule, n in self.per_rule.items()) or "none"
-        return f"{self.found} images found, {self.excluded} excluded ({rules}), {self.kept} kept"
+        left_out = f", {len(self.unreadable)} of them unreadable and left out " \
+            f"(data.on_bad_sample=skip)" if self.unreadable else ""
+        return (f"{self.found} images found, {self.excluded} excluded ({rules}), "
+                f"{self.kept} kept{left_out}")
 
 
 class MixedPools:

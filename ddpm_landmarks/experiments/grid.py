@@ -44,6 +44,7 @@ from ddpm_landmarks.experiments.grid_plan import (
     Plan,
     budget_label,
     build_plan,
+    check_plan_inputs,
     plan_summary,
 )
 from ddpm_landmarks.experiments.grid_schema import GridConfig
@@ -333,6 +334,7 @@ def run_grid(grid: GridConfig, only: Optional[str] = None, report: bool = True) 
     """Run every cell not yet done; returns {"done": [...], "failed": [...], "skipped": [...]}."""
     plan = build_plan(grid)
     cells = select_cells(plan, only)
+    check_plan_inputs(plan)
     grid_dir = grid.grid_dir
     outcome: dict[str, list[str]] = {"done": [], "failed": [], "skipped": []}
     with grid_lock(grid_dir):

@@ -4,9 +4,11 @@ before anything runs.
 
     plan = build_plan(load_grid("experiments/cpu-small.yaml"))
     plan.pretrainings, plan.sources (shared), plan.cells (one run each)
+    check_plan_inputs(plan)            # every job's start-up data check, before any job runs
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,8 @@ from typing import Optional
 from ddpm_landmarks.config.finetune import BODY_FIELDS, FinetuneConfig
 from ddpm_landmarks.config.pretrain import PretrainConfig
 from ddpm_landmarks.config.schema import load_config, to_dict
-from ddpm_landmarks.errors import ConfigError
+from ddpm_landmarks.data.checks import check_run_inputs
+from ddpm_landmarks.errors import ConfigError, DataError
 from ddpm_landmarks.experiments.grid_schema import (
     PRETRAINED_KINDS,
     DatasetSpec,
@@ -231,6 +234,34 @@ def build_plan(grid: GridConfig) -> Plan:
                                       config_path, overrides, cfg, eval_split, job, res.source,
                                       config_hash=key))
     return Plan(grid, list(jobs.pretrainings.values()), cells, list(jobs.sources.values()))
+
+
+def check_plan_inputs(plan: Plan) -> None:
+    """The start-up checks every job makes (data/checks.py), for all jobs before the first
+    one runs, so that a broken image or landmark fails the grid now rather than after hours of
+    pretraining. Each distinct input is checked once: a pretraining's pools, and for
+    fine-tuning jobs the whole training split (every budget and seed draws from it) and the
+    evaluation split of each distinct data section."""
+    seen: set[str] = set()
+    for job in [*plan.pretrainings, *plan.sources, *plan.cells]:
+        cfg = job.config
+        if isinstance(cfg, FinetuneConfig):
+            cfg = dataclasses.replace(cfg, fewshot=dataclasses.replace(
+                cfg.fewshot, budget=None, val_policy="none"))
+            key = repr(("finetune", to_dict(cfg.data), getattr(job, "eval_split", "")))
+            if getattr(job, "eval_split", ""):
+                cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+                    cfg.data, eval_split=job.eval_split))
+        else:
+            key = repr(("pretrain", to_dict(cfg.data), to_dict(cfg.unlabeled),
+                        to_dict(cfg.probe)))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_run_inputs(cfg)
+        except (ConfigError, DataError) as err:
+            raise type(err)(f"{job.name}: {err}") from None
 
 
 def plan_summary(plan: Plan) -> dict:

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from ddpm_landmarks.config.ranges import ranged
 from ddpm_landmarks.config.schema import load_config
 from ddpm_landmarks.errors import ConfigError
 
@@ -102,7 +103,7 @@ class LauncherConfig:
     # inline: in this process (tests, debugging); process: one Python process per job;
     # accelerate: `accelerate launch --num_processes N [accelerate_args] -m ...` per job.
     kind: Literal["inline", "process", "accelerate"] = "process"
-    num_processes: int = 1
+    num_processes: int = ranged(1, ">= 1")
     accelerate_args: list[str] = field(default_factory=list)   # e.g. [--multi_gpu, --mixed_precision=bf16]
 
 
@@ -120,8 +121,8 @@ class GridConfig:
     output_dir: str = "runs/grids"
     datasets: dict[str, DatasetSpec] = field(default_factory=dict)
     inits: dict[str, InitSpec] = field(default_factory=dict)
-    budgets: list[Optional[int]] = field(default_factory=lambda: [50])
-    seeds: list[int] = field(default_factory=lambda: [0])
+    budgets: list[Optional[int]] = ranged([50], ">= 1")   # null = the whole training split
+    seeds: list[int] = ranged([0], ">= 0")
     eval_split: str = "test1"
     finetune_overrides: list[str] = field(default_factory=list)
     pretrain_overrides: list[str] = field(default_factory=list)
@@ -141,9 +142,6 @@ def load_grid(path: str | Path, overrides: Optional[list[str]] = None) -> GridCo
         raise ConfigError(f"{path}: 'inits' is empty: name at least one initialisation")
     if not grid.budgets or not grid.seeds:
         raise ConfigError(f"{path}: 'budgets' and 'seeds' need at least one value each")
-    for budget in grid.budgets:
-        if budget is not None and budget < 1:
-            raise ConfigError(f"budgets: {budget} is not a positive number of images (or null)")
     if len(set(grid.budgets)) != len(grid.budgets) or len(set(grid.seeds)) != len(grid.seeds):
         raise ConfigError(f"budgets {grid.budgets} / seeds {grid.seeds} repeat a value")
     for name, spec in grid.inits.items():

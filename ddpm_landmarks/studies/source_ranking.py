@@ -48,6 +48,7 @@ from ddpm_landmarks.config.common import (
     HeatmapConfig,
 )
 from ddpm_landmarks.config.finetune import FinetuneConfig
+from ddpm_landmarks.config.ranges import check_ranges, ranged
 from ddpm_landmarks.config.schema import apply_override, from_dict, to_dict
 from ddpm_landmarks.errors import ConfigError, DataError
 from ddpm_landmarks.studies.source_candidates import (
@@ -77,13 +78,15 @@ SCORE_NAMES = {"logme": "LogME", "hscore": "H-score"}
 @dataclass
 class RankConfig:
     score: Literal["logme", "hscore"] = "logme"
-    feature_size: int = 64              # features and targets on g x g, g = min(this, image_size)
-    background_ratio: float = 1.0       # background pixels drawn per foreground pixel
-    seed: int = 0                       # of the background pixels and of random:... inits
-    batch_size: int = 16                # feature-extraction batch
-    hscore_shrinkage: float = 0.1       # score=hscore: covariance shrinkage towards I
+    # features and targets on g x g, g = min(this, image_size)
+    feature_size: int = ranged(64, ">= 1")
+    background_ratio: float = ranged(1.0, ">= 0")  # background pixels drawn per foreground pixel
+    seed: int = ranged(0, ">= 0")       # of the background pixels and of random:... inits
+    batch_size: int = ranged(16, ">= 1")  # feature-extraction batch
+    hscore_shrinkage: float = ranged(0.1, "[0, 1]")  # score=hscore: covariance shrinkage towards I
     target_anatomy: str = ""            # "" = from data.dataset (source_candidates registry)
-    min_label_ssim: Optional[float] = None   # label-map filter; None = reported only
+    # label-map filter; None = reported only
+    min_label_ssim: Optional[float] = ranged(None, "[-1, 1]")
     filtered: Literal["last", "exclude"] = "last"
     device: str = "auto"                # auto = cuda when available
 
@@ -106,15 +109,8 @@ def split_overrides(overrides: list[str]) -> tuple[RankConfig, list[str]]:
 
 
 def _check(rank: RankConfig) -> None:
-    if rank.feature_size < 1 or rank.batch_size < 1:
-        raise ConfigError(f"rank.feature_size and rank.batch_size must be >= 1, got "
-                          f"{rank.feature_size} and {rank.batch_size}")
-    if not rank.background_ratio >= 0:
-        raise ConfigError(f"rank.background_ratio must be >= 0, got {rank.background_ratio}")
-    if not 0.0 <= rank.hscore_shrinkage <= 1.0:
-        raise ConfigError(f"rank.hscore_shrinkage must be in [0, 1], got {rank.hscore_shrinkage}")
-    if rank.min_label_ssim is not None and not -1.0 <= rank.min_label_ssim <= 1.0:
-        raise ConfigError(f"rank.min_label_ssim must be in [-1, 1], got {rank.min_label_ssim}")
+    """The declared ranges (config/ranges.py), also for a RankConfig built in code."""
+    check_ranges(rank, "rank")
 
 
 def labelled_batch(data: DataConfig, fewshot: FewShotConfig, heatmap: HeatmapConfig

@@ -71,9 +71,7 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                fsync_path(f)
+        _fsync_files(tmp)
         old = None
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
@@ -85,3 +83,30 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def directory_once(out_dir: str | Path) -> Iterator[Path]:
+    """Like atomic_directory for a folder that never changes once made (generated data): when
+    several processes make it at once, the first rename wins and the others' copies are
+    dropped, so a reader never finds it missing (atomic_directory replaces an existing one)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        _fsync_files(tmp)
+        try:
+            os.rename(tmp, out_dir)     # fails on an existing non-empty folder (POSIX)
+        except OSError:
+            if not out_dir.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_files(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fsync_path(f)

@@ -87,3 +87,31 @@ def test_bad_config_key_is_a_clear_error(synthetic_config, capsys):
 def test_unknown_dataset_lists_valid_ones(synthetic_config, capsys):
     assert main(["data", "inspect", str(synthetic_config), "data.dataset=nope"]) == 2
     assert "isbi2015" in capsys.readouterr().err
+
+
+def test_data_check_recognises_every_shipped_config():
+    """`data check CONFIG` picks the run config class from the file's sections: each shipped
+    config loads as the class of its folder."""
+    from pathlib import Path
+
+    from ddpm_landmarks.cli.data_commands import config_class
+    root = Path(__file__).resolve().parents[2] / "configs"
+    expected = {"pretrain": "PretrainConfig", "finetune": "FinetuneConfig",
+                "classify": "ClassifyConfig", "configs": "ExperimentConfig"}
+    paths = sorted(root.rglob("*.yaml"))
+    assert len(paths) >= 30
+    for path in paths:
+        folder = path.relative_to(root).parts[0] if len(path.relative_to(root).parts) > 1 \
+            else "configs"
+        cls = config_class(str(path), "auto")
+        assert cls.__name__ == expected[folder], path
+        load_config(path, cls=cls)
+    assert config_class(str(paths[0]), "finetune").__name__ == "FinetuneConfig"
+
+
+def test_data_check_synthetic(synthetic_config, capsys):
+    assert main(["data", "check", str(synthetic_config)]) == 0
+    out = capsys.readouterr().out
+    assert "dataset inputs (data.on_bad_sample=error)" in out
+    assert "synthetic:train: 16 images" in out and "synthetic:test1: 8 images" in out
+    assert "all pass: 24 image files decode" in out

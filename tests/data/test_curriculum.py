@@ -275,7 +275,8 @@ def test_simclr_views_follow_the_stage_strength(tmp_path, monkeypatch):
     ('[{until_step: 4, views: {rotation_deg: 5.0}}, {}]', "ssl.views are for the SSL methods"),
     ('[{until_step: 4, image_size: 30}, {}]', "multiple of 4"),
     ('[{until_step: 4, augment: {rotashun: 1.0}}, {}]', "unknown config key"),
-    ('[{until_step: 4, augment_strength: -1.0}, {}]', "augment_strength must be >= 0"),
+    ('[{until_step: 4, augment_strength: -1.0}, {}]',
+     "augment_strength: -1.0 is outside the allowed range >= 0"),
 ])
 def test_cli_errors_name_the_stage(tmp_path, capsys, stages, message):
     folders = _pool_folders(tmp_path / "pools")

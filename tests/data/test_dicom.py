@@ -47,13 +47,27 @@ def ramp(dtype=np.uint16, high: int = 4095) -> np.ndarray:
     return np.linspace(0, high, 6 * 8).reshape(6, 8).round().astype(dtype)
 
 
-def test_plain_16bit_uses_data_min_max(tmp_path):
-    pixels = ramp()
-    pixels[0, 0], pixels[-1, -1] = 100, 3000
-    out = read_dicom(write_dicom(tmp_path / "a.dcm", np.clip(pixels, 100, 3000), bits_stored=12))
+def test_12bit_in_16bit_container_uses_bits_stored_not_min_max(tmp_path):
+    # Without a window, stored values are divided by 2^BitsStored - 1: the image keeps its
+    # contrast (100..3000 of 4095), is not stretched to [0, 1], and is not / 65535 either.
+    pixels = np.clip(ramp(), 100, 3000)
+    out = read_dicom(write_dicom(tmp_path / "a.dcm", pixels, bits_stored=12))
     assert out.image.dtype == np.float32 and out.image.shape == (6, 8)
-    assert out.image.min() == 0.0 and out.image.max() == 1.0
+    np.testing.assert_allclose(out.image, pixels / 4095, atol=1e-6)
     assert out.photometric == "MONOCHROME2"
+
+
+def test_bits_above_bits_stored_are_masked(tmp_path):
+    # pydicom 3 masks the unused high bits: 4096 + 7 stored in a 12-bit image is 7.
+    pixels = np.array([[0, 4095, 4096 + 7]], dtype=np.uint16)
+    image = read_dicom(write_dicom(tmp_path / "m.dcm", pixels, bits_stored=12)).image[0]
+    np.testing.assert_allclose(image, [0, 1, 7 / 4095], atol=1e-6)
+
+
+def test_signed_12bit_spans_its_two_complement_range(tmp_path):
+    pixels = np.array([[-2048, 0, 2047]], dtype=np.int16)
+    image = read_dicom(write_dicom(tmp_path / "s.dcm", pixels, bits_stored=12)).image[0]
+    np.testing.assert_allclose(image, [0, 2048 / 4095, 1], atol=1e-6)
 
 
 def test_rescale_slope_intercept_then_window(tmp_path):
@@ -69,10 +83,16 @@ def test_rescale_slope_intercept_then_window(tmp_path):
     assert image[4] == 1.0                      # far above
 
 
-def test_rescale_without_window_is_monotonic(tmp_path):
-    pixels = np.array([[10, 20, 30, 40]], dtype=np.uint16)
-    path = write_dicom(tmp_path / "s.dcm", pixels, RescaleSlope=2.0, RescaleIntercept=-5)
-    np.testing.assert_allclose(read_dicom(path).image[0], [0, 1 / 3, 2 / 3, 1], atol=1e-6)
+def test_rescale_without_window_maps_the_stored_range(tmp_path):
+    # The stored range 0..4095 goes through the rescale like the pixels: an affine rescale
+    # leaves v / 4095, a negative slope reverses the range (and the grey levels) consistently.
+    pixels = np.array([[10, 20, 30, 4095]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "s.dcm", pixels, bits_stored=12, RescaleSlope=2.0,
+                       RescaleIntercept=-5)
+    np.testing.assert_allclose(read_dicom(path).image[0], pixels[0] / 4095, atol=1e-6)
+    path = write_dicom(tmp_path / "n.dcm", pixels, bits_stored=12, RescaleSlope=-1.0,
+                       RescaleIntercept=4095)
+    np.testing.assert_allclose(read_dicom(path).image[0], 1 - pixels[0] / 4095, atol=1e-6)
 
 
 def test_window_keeps_site_contrast_not_image_stretch(tmp_path):
@@ -86,9 +106,10 @@ def test_window_keeps_site_contrast_not_image_stretch(tmp_path):
 
 def test_monochrome1_is_inverted(tmp_path):
     pixels = np.zeros((4, 4), dtype=np.uint16)
-    pixels[1, 2] = 4000                          # bright stored value = dark in MONOCHROME1
-    mono2 = read_dicom(write_dicom(tmp_path / "m2.dcm", pixels)).image
-    mono1 = read_dicom(write_dicom(tmp_path / "m1.dcm", pixels, photometric="MONOCHROME1"))
+    pixels[1, 2] = 4095                          # bright stored value = dark in MONOCHROME1
+    mono2 = read_dicom(write_dicom(tmp_path / "m2.dcm", pixels, bits_stored=12)).image
+    mono1 = read_dicom(write_dicom(tmp_path / "m1.dcm", pixels, bits_stored=12,
+                                   photometric="MONOCHROME1"))
     assert mono2[1, 2] == 1.0 and mono2[0, 0] == 0.0
     assert mono1.photometric == "MONOCHROME1"
     assert mono1.image[1, 2] == 0.0 and mono1.image[0, 0] == 1.0

@@ -75,8 +75,10 @@ def test_items_len_and_getitem(folders):
     images = [pools[i] for i in range(len(pools))]
     assert all(im.dtype == np.float32 and im.ndim == 2 for im in images)
     assert images[0][0, 0] == pytest.approx(51 / 255)        # 8-bit
-    assert images[1][0, 0] == pytest.approx(0.2, abs=1e-4)    # 16-bit by its container range
-    assert images[2].min() == 0.0 and images[2].max() == 1.0  # DICOM
+    # 16-bit, max 13107: by 2^14 - 1, the smallest full scale holding it (image_io)
+    assert images[1][0, 0] == pytest.approx(13107 / 16383)
+    # DICOM of 16 stored bits without a window: by its BitsStored range
+    assert images[2].min() == 0.0 and images[2].max() == pytest.approx(79 / 65535)
     assert pools.report.found == 4 and pools.report.kept == 4
 
 

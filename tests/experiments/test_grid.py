@@ -145,6 +145,35 @@ def test_plan_errors_name_the_key(tmp_path, synth_root):
         build_plan(load_grid(bad))
 
 
+@pytest.mark.parametrize("where, override, message", [
+    ("finetune_overrides", "heatmap.sigma=0", "heatmap.sigma: 0.0 is outside the allowed range"),
+    ("finetune_overrides", "train.batch_size=0", "train.batch_size: 0 is outside the allowed"),
+    ("pretrain_overrides", "data.image_size=-64", "data.image_size: -64 is outside the allowed"),
+])
+def test_dry_run_refuses_values_outside_their_range(tmp_path, synth_root, capsys, where, override,
+                                                    message):
+    spec = {where: [o.format(root=synth_root) for o in
+                    (FINETUNE if where == "finetune_overrides" else PRETRAIN)] + [override]}
+    assert cli_main(["grid", str(experiment(tmp_path, synth_root, **spec)), "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_grid_checks_every_job_s_data_before_running_any(tmp_path):
+    from ddpm_landmarks.config.common import DataConfig
+    from ddpm_landmarks.data.registry import build_dataset
+    from ddpm_landmarks.errors import DataError
+    root = tmp_path / "synthetic"
+    build_dataset(DataConfig(dataset="synthetic", root=str(root), synthetic_num_images=40,
+                             synthetic_image_size=128))
+    broken = root / "images" / "0039.png"                   # a test1 image: scored, not drawn
+    broken.write_bytes(broken.read_bytes()[:200])
+    grid = load_grid(experiment(tmp_path, root))
+    with pytest.raises(DataError, match=r"synthetic-ddpm-N4-s0: .*0039\.png: truncated PNG"):
+        run_grid(grid)
+    assert not (tmp_path / "runs").exists()                # no pretraining, no cell, no grid.json
+
+
 # ------------------------------------------------------------------------------ end to end
 
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
