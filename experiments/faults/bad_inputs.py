@@ -297,7 +297,8 @@ def run_cli(case: Case, work: Path) -> tuple[int, str, Path]:
 
 
 def nothing_written(run_dir: Path) -> bool:
-    return not run_dir.exists() or not any(run_dir.iterdir())
+    """No file of the run in its folder (the lock a run takes on its folder is not one)."""
+    return not run_dir.exists() or not any(p.name != ".lock" for p in run_dir.iterdir())
 
 
 def battery_rows(cases: list[Case] = CASES) -> list[tuple[str, str, bool]]:

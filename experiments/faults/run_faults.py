@@ -239,7 +239,8 @@ def bad_inputs(data_root: Path, work: Path) -> dict:
     except ImportError:
         return {"trials": 0, "survived": 0, "max_diff": float("nan"),
                 "detail": "experiments/faults/bad_inputs.py not found"}
-    rows = battery_rows(work / "bad_inputs")
+    rows = [{"kind": kind, "error": error, "refused_before_start": refused}
+            for kind, error, refused in battery_rows()]
     refused = sum(1 for r in rows if r["refused_before_start"])
     return {"trials": len(rows), "survived": refused, "max_diff": float("nan"),
             "detail": f"{refused} of {len(rows)} refused before the run started",

@@ -19,7 +19,6 @@ from ddpm_landmarks.training.checkpoint import (
     find_latest,
     list_checkpoints,
     resolve_resume,
-    save_checkpoint,
 )
 from ddpm_landmarks.training.engine import Trainer, reset_accelerate_state
 from ddpm_landmarks.training.optim import build_scheduler, lr_factor
