@@ -170,13 +170,15 @@ def write_results(out_dir: str | Path, ids: Sequence[str], names: Sequence[str],
                   pred: np.ndarray, gt: np.ndarray, errors: np.ndarray,
                   summary: dict[str, Any], unit: str,
                   extra: Optional[dict[str, Any]] = None,
-                  confidence: Optional[np.ndarray] = None) -> dict[str, Path]:
+                  confidence: Optional[np.ndarray] = None,
+                  extra_columns: Optional[dict[str, np.ndarray]] = None) -> dict[str, Path]:
     """Write metrics.json, per_landmark.csv and predictions.csv into `out_dir`, atomically.
 
     Coordinates are original pixels as given; in predictions.csv a missing coordinate is an
     empty cell, the error of a miss is "inf" and of a pair without ground truth empty.
     `extra` (e.g. decoder, checkpoint) is stored in metrics.json as is. `confidence` (N, K),
-    when given, is one more predictions.csv column (the decoded heatmap peak).
+    when given, is one more predictions.csv column (the decoded heatmap peak), and so is each
+    (N, K) array of `extra_columns` (uncertainty scores, conformal radii), under its key.
     """
     out_dir = Path(out_dir)
     pred, gt = np.asarray(pred, dtype=np.float64), np.asarray(gt, dtype=np.float64)
@@ -209,5 +211,9 @@ def write_results(out_dir: str | Path, ids: Sequence[str], names: Sequence[str],
         confidence = np.asarray(confidence, dtype=np.float64).reshape(n, k)
         header.append("confidence")
         rows = [row + [confidence[row_i // k, row_i % k]] for row_i, row in enumerate(rows)]
+    for name, values in (extra_columns or {}).items():
+        values = np.asarray(values).reshape(n, k)
+        header.append(name)
+        rows = [row + [values[row_i // k, row_i % k]] for row_i, row in enumerate(rows)]
     atomic_write_text(paths["predictions"], csv_text(header, rows))
     return paths
