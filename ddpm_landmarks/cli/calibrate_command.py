@@ -17,11 +17,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     setup_logging()
     run = load_trained_run(args.run, args.weights, args.overrides, device=args.device)
-    cal, path = calibrate_run(run, count=args.count, seed=args.seed, alphas=args.alphas,
-                              score=args.score, tta=True if args.tta else None,
-                              flip_tta=True if args.flip_tta else None)
-    print(format_calibration(cal))
-    print(f"calibration: {path}")
+    result = calibrate_run(run, count=args.count, seed=args.seed, alphas=args.alphas,
+                           score=args.score, tta=True if args.tta else None,
+                           flip_tta=True if args.flip_tta else None)
+    print(format_calibration(result.calibration))
+    print(f"calibration: {result.path}")
     return 0
 
 
@@ -46,5 +46,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--flip-tta", action="store_true",
                    help="predict with flip TTA (evaluate / predict must then use it too)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. uncertainty.spread=gaussian_fit")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted overrides, e.g. uncertainty.spread=gaussian_fit")
     p.set_defaults(func=cmd_calibrate)

@@ -120,14 +120,15 @@ class UncertaintyConfig:
     tta_rotation_deg: float = 3.0
     tta_scale: tuple[float, float] = (0.97, 1.03)
     tta_translate: float = 0.02         # fraction of the model grid
-    tta_flip: bool = True               # plus the mirrored image where the dataset has a permutation
+    tta_flip: bool = True               # + the mirrored image (datasets with a permutation)
     tta_seed: int = 0
     alphas: list[float] = field(default_factory=lambda: [0.1, 0.05])   # miscoverage levels
     # A point is flagged when its radius exceeds this; None = the dataset's smallest SDR
     # threshold (2 mm on ISBI). The same default sets the "large error" of the AUROC.
     flag_radius: Optional[float] = None
     error_threshold: Optional[float] = None
-    flagged_fraction: float = 0.1       # evaluate: MRE of the rest when this most-uncertain share is flagged
+    # evaluate: the MRE of the other points when this most uncertain share is flagged
+    flagged_fraction: float = 0.1
     # Calibration images: a seeded draw from the training pool without the few-shot train and
     # validation images (None = all of them); never the evaluation split.
     calibration_count: Optional[int] = None

@@ -130,13 +130,13 @@ def measurement_scale(dataset, record_or_sample) -> tuple[tuple[float, float], s
     raise ValueError(f"{dataset.name}: unknown error unit {unit!r}")
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN -> null, inf -> "inf": metrics.json stays strict JSON (json.dumps allow_nan=False)."""
     if isinstance(value, dict):
-        return {(f"{k:g}" if isinstance(k, float) else str(k)): _json_safe(v)
+        return {(f"{k:g}" if isinstance(k, float) else str(k)): json_safe(v)
                 for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (np.floating, float)):
         value = float(value)
         if math.isnan(value):
@@ -197,7 +197,7 @@ def write_results(out_dir: str | Path, ids: Sequence[str], names: Sequence[str],
     paths = {"metrics": out_dir / "metrics.json", "per_landmark": out_dir / "per_landmark.csv",
              "predictions": out_dir / "predictions.csv"}
     atomic_write_text(paths["metrics"],
-                      json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n")
+                      json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n")
 
     header = list(table[0].keys()) if table else ["landmark_index", "name"]
     atomic_write_text(paths["per_landmark"],

@@ -1,8 +1,8 @@
 """How good are the uncertainty scores and the conformal regions on a labelled split.
 
     report = uncertainty_summary(errors, scales, radii, threshold=2.0, flag_radius=2.0)
-    write_uncertainty(out_dir, report, landmark_names)  # uncertainty.json, coverage_per_landmark.csv,
-                                                        # sparsification.png
+    write_uncertainty(out_dir, report, landmark_names)
+    # -> uncertainty.json, coverage_per_landmark.csv, sparsification.png
     print(format_uncertainty(report))
 
 `errors` (N, K) in the dataset's unit with metrics.py's conventions (NaN = no ground truth,
@@ -31,7 +31,7 @@ import numpy as np
 
 from ddpm_landmarks.evaluation.classification_metrics import roc_auc
 from ddpm_landmarks.evaluation.conformal import coverage
-from ddpm_landmarks.evaluation.metrics import _json_safe, csv_text
+from ddpm_landmarks.evaluation.metrics import csv_text, json_safe
 from ddpm_landmarks.utils.atomic import atomic_write_text
 
 FRACTIONS = np.round(np.arange(0.0, 1.0, 0.01), 2)
@@ -57,7 +57,10 @@ def ranking_quality(errors: np.ndarray, scale: np.ndarray, threshold: float,
     e = np.asarray(errors, dtype=np.float64).ravel()
     u = np.asarray(scale, dtype=np.float64).ravel()
     keep = ~np.isnan(e)
-    e, u = e[keep], np.where(np.isnan(u[keep]), np.inf, u[keep])   # unknown = least sure
+    e, u = e[keep], u[keep]
+    # Unknown (NaN) = least sure: above every known scale (roc_auc takes finite scores only).
+    finite = u[np.isfinite(u)]
+    u = np.where(np.isfinite(u), u, (finite.max() if finite.size else 0.0) + 1.0)
     by_scale = np.argsort(-u, kind="stable")
     by_error = np.argsort(-e, kind="stable")
     curve, oracle = sparsification(e, by_scale), sparsification(e, by_error)
@@ -86,7 +89,7 @@ def uncertainty_summary(errors: np.ndarray, scales: dict[str, np.ndarray],
                         radii: Optional[dict[str, dict[float, np.ndarray]]], threshold: float,
                         flag_radius: float, flagged_fraction: float = 0.1,
                         primary: Optional[str] = None, unit: str = "mm") -> dict:
-    """The report of the module doc as a dict (JSON-ready after metrics._json_safe)."""
+    """The report of the module doc as a dict (JSON-ready after metrics.json_safe)."""
     ranking = {name: ranking_quality(errors, s, threshold, flagged_fraction)
                for name, s in scales.items() if name != "none"}    # constant: nothing to rank
     regions = {name: {float(a): region_quality(errors, r, flag_radius) for a, r in by_alpha.items()}
@@ -102,7 +105,7 @@ def write_uncertainty(out_dir: str | Path, report: dict, names: Sequence[str]) -
     out_dir = Path(out_dir)
     paths = {"uncertainty": out_dir / "uncertainty.json"}
     atomic_write_text(paths["uncertainty"],
-                      json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+                      json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     if report["regions"]:
         header = ["landmark_index", "name"]
         columns = []
@@ -147,10 +150,11 @@ def plot_sparsification(report: dict, path: Path) -> Path:
     return path
 
 
-def format_uncertainty(report: dict) -> str:
-    """Markdown: coverage / radius per score and alpha, then the ranking table."""
+def format_uncertainty(report: dict, regions: bool = True) -> str:
+    """Markdown: coverage / radius per score and alpha (unless `regions` is False), then the
+    ranking table."""
     unit, lines = report["unit"], []
-    if report["regions"]:
+    if report["regions"] and regions:
         lines += [f"conformal regions (radius in {unit}; flagged = radius > "
                   f"{report['flag_radius']:g} {unit})",
                   "| score | alpha | coverage | nominal | mean radius | median radius | "
@@ -164,10 +168,11 @@ def format_uncertainty(report: dict) -> str:
                              f"{100 * q['flagged']:.1f}% |")
     if report["ranking"]:
         pct = 100 * report["flagged_fraction"]
-        lines += ["" if lines else "", f"error ranking (large error: > {report['threshold']:g} "
-                  f"{unit}; MRE of the rest with the {pct:g}% most uncertain flagged)",
-                  "| score | AUROC | AUSE | MRE all | MRE rest | drop |", "|---|---|---|---|---|---|"]
+        lines += ["", f"error ranking (large error: > {report['threshold']:g} {unit}; MRE of "
+                  f"the rest with the {pct:g}% most uncertain flagged)",
+                  "| score | AUROC | AUSE | MRE all | MRE rest | drop |",
+                  "|---|---|---|---|---|---|"]
         for name, r in report["ranking"].items():
             lines.append(f"| {name} | {r['auroc']:.3f} | {r['ause']:.3f} | {r['mre_all']:.3f} | "
                          f"{r['mre_rest']:.3f} | {r['mre_drop_percent']:.1f}% |")
-    return "\n".join(line for line in lines if line is not None).strip()
+    return "\n".join(lines).strip()

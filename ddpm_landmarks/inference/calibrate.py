@@ -2,7 +2,8 @@
 it has not seen.
 
     run = load_trained_run("runs/isbi_n50")
-    cal, path = calibrate_run(run, count=40, seed=0, alphas=[0.1, 0.05])
+    result = calibrate_run(run, count=40, seed=0, alphas=[0.1, 0.05])
+    result.calibration, result.path, result.errors, result.scales
 
 Calibration images are a seeded draw (data.splits.draw_calibration) from the run's labelled
 training pool (data.train_split) without its few-shot training and validation images (read
@@ -17,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -26,7 +27,8 @@ from ddpm_landmarks.data.registry import build_dataset
 from ddpm_landmarks.data.splits import draw_calibration, load_split
 from ddpm_landmarks.errors import ConfigError
 from ddpm_landmarks.evaluation.conformal import min_calibration_size
-from ddpm_landmarks.evaluation.metrics import radial_errors
+from ddpm_landmarks.evaluation.evaluate import sdr_thresholds
+from ddpm_landmarks.evaluation.metrics import radial_errors, summarize
 from ddpm_landmarks.inference.calibration import (
     Calibration,
     fit_calibration,
@@ -63,11 +65,18 @@ def calibration_config(cfg: UncertaintyConfig, count: Optional[int] = None,
     return ucfg
 
 
+class Calibrated(NamedTuple):
+    calibration: Calibration
+    path: Path                           # RUN/calibration.json
+    errors: np.ndarray                   # (N, K) calibration errors in the dataset's unit
+    scales: dict[str, np.ndarray]        # score -> (N, K) scales of the calibration images
+
+
 def calibrate_run(run: TrainedRun, count: Optional[int] = None, seed: Optional[int] = None,
                   alphas: Optional[Sequence[float]] = None, score: Optional[str] = None,
-                  tta: Optional[bool] = None, flip_tta: Optional[bool] = None
-                  ) -> tuple[Calibration, Path]:
-    """Draw, predict, fit and write RUN/calibration.json; returns (calibration, its path)."""
+                  tta: Optional[bool] = None, flip_tta: Optional[bool] = None) -> Calibrated:
+    """Draw, predict, fit and write RUN/calibration.json (with the calibration images' error
+    summary, to compare with the test split's: a clear gap says they are not exchangeable)."""
     cfg = run.cfg
     ucfg = score_settings(calibration_config(cfg.uncertainty, count, seed, alphas, score, tta),
                           cfg.heatmap)
@@ -109,17 +118,21 @@ def calibrate_run(run: TrainedRun, count: Optional[int] = None, seed: Optional[i
                           model_settings(cfg, run.weights_dir, flip_tta), draw, ids,
                           dataset.name, cfg.data.train_split, dataset.unit,
                           tta_views(estimator))
+    summary = summarize(errors, sdr_thresholds(pool, cfg.eval), cfg.eval.sdr_inclusive)
+    cal.error_summary = {k: summary[k] for k in ("mre", "sd", "median", "n", "missed")}
     path = save_calibration(cal, run.run_dir)
     log.info("calibration: %s -> %s", draw["policy"], path)
-    return cal, path
+    return Calibrated(cal, path, errors, est.scales)
 
 
 def format_calibration(cal: Calibration) -> str:
     """Markdown: per score and alpha, q over the landmarks (median, max) and infinite count."""
     lines = [f"calibration on {len(cal.ids)} images of {cal.dataset}:{cal.pool_split} "
-             f"(n per landmark {min(cal.counts)}-{max(cal.counts)}; radius = q x score; "
+             f"(n per landmark {min(cal.counts)}-{max(cal.counts)}, their MRE "
+             f"{cal.error_summary.get('mre', float('nan')):.3f} {cal.unit}; radius = q x score; "
              f"score 'none' and 'peak': q in {cal.unit})",
-             "| score | alpha | median q | max q | landmarks with q = inf |", "|---|---|---|---|---|"]
+             "| score | alpha | median q | max q | landmarks with q = inf |",
+             "|---|---|---|---|---|"]
     for name, by_alpha in cal.quantiles.items():
         mark = " (used)" if name == cal.score else ""
         for alpha, q in by_alpha.items():
@@ -134,4 +147,4 @@ def format_calibration(cal: Calibration) -> str:
 def calibrate_after_finetune(run_dir: str | Path) -> Path:
     """finetune's optional last step (uncertainty.calibrate_after_training): calibrate the
     run's best (else export) weights with its own config; returns calibration.json's path."""
-    return calibrate_run(load_trained_run(run_dir))[1]
+    return calibrate_run(load_trained_run(run_dir)).path

@@ -21,6 +21,7 @@ calibration.json (strict JSON; an infinite q is the string "inf"):
                                        TTA, grid, heatmap, loss
     tta_views                          views of the tta score (0 when it was not computed)
     counts                             n_k calibration pairs per landmark
+    error_summary                      MRE, SD, median, n, missed of the calibration images
     quantiles                          {score: {alpha: [q_k]}} for every score computed
     guarantee                          the statement and its conditions (evaluation/conformal.py)
 """
@@ -40,7 +41,7 @@ import numpy as np
 from ddpm_landmarks.config.common import UncertaintyConfig
 from ddpm_landmarks.config.schema import from_dict, to_dict
 from ddpm_landmarks.evaluation.conformal import fit_quantiles, region_radii
-from ddpm_landmarks.evaluation.metrics import _json_safe
+from ddpm_landmarks.evaluation.metrics import json_safe
 from ddpm_landmarks.heatmaps.spread import auto_window
 from ddpm_landmarks.inference.uncertainty import LENGTH_SCORES, score_scales
 from ddpm_landmarks.models.artifacts import FORMATS
@@ -101,12 +102,13 @@ class Calibration:
     counts: list[int]
     quantiles: dict[str, dict[float, np.ndarray]]     # score -> alpha -> (K,)
     tta_views: int = 0                                 # views of the tta score (0: not computed)
+    error_summary: dict = dataclasses.field(default_factory=dict)   # MRE etc. of the images
     created: str = ""
 
     def mismatch(self, settings: dict) -> str:
         """"" when `settings` (model_settings of the evaluating run) equal the calibrated
         ones, else which differ."""
-        settings = _json_safe(settings)                 # as stored: -inf -> "-inf"
+        settings = json_safe(settings)                 # as stored: -inf -> "-inf"
         differ = [k for k in sorted(set(self.model) | set(settings))
                   if self.model.get(k) != settings.get(k)]
         return ", ".join(differ)
@@ -131,6 +133,7 @@ class Calibration:
                 "draw": self.draw, "ids": list(self.ids), "alphas": list(self.alphas),
                 "score": self.score, "uncertainty": to_dict(self.uncertainty),
                 "model": self.model, "tta_views": self.tta_views, "counts": list(self.counts),
+                "error_summary": self.error_summary,
                 "quantiles": {name: {a: q.tolist() for a, q in by_alpha.items()}
                               for name, by_alpha in self.quantiles.items()},
                 "guarantee": GUARANTEE}
@@ -147,7 +150,8 @@ class Calibration:
                    list(data["ids"]), [float(a) for a in data["alphas"]], data["score"],
                    from_dict(UncertaintyConfig, data["uncertainty"], "uncertainty."),
                    data["model"], [int(n) for n in data["counts"]], quantiles,
-                   int(data["tta_views"]), data.get("created", ""))
+                   int(data["tta_views"]), dict(data.get("error_summary") or {}),
+                   data.get("created", ""))
 
 
 def fit_calibration(errors: np.ndarray, scales: dict[str, np.ndarray], alphas: Sequence[float],
@@ -161,8 +165,8 @@ def fit_calibration(errors: np.ndarray, scales: dict[str, np.ndarray], alphas: S
     for name, u in scales.items():
         quantiles[name], counts = fit_quantiles(errors, u, alphas)
     return Calibration(dataset, pool_split, unit, draw, list(ids), [float(a) for a in alphas],
-                       uncertainty.score, uncertainty, _json_safe(model), [int(n) for n in counts],
-                       quantiles, int(tta_views),
+                       uncertainty.score, uncertainty, json_safe(model), [int(n) for n in counts],
+                       quantiles, int(tta_views), {},
                        datetime.datetime.now().isoformat(timespec="seconds"))
 
 
@@ -170,7 +174,7 @@ def save_calibration(cal: Calibration, run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     atomic_write_text(run_dir / IDS_FILE, "".join(f"{i}\n" for i in cal.ids))
     path = run_dir / FILE
-    atomic_write_text(path, json.dumps(_json_safe(cal.to_json()), indent=2,
+    atomic_write_text(path, json.dumps(json_safe(cal.to_json()), indent=2,
                                        allow_nan=False) + "\n")
     return path
 

@@ -25,13 +25,13 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ddpm_landmarks.config.common import UncertaintyConfig
 from ddpm_landmarks.config.finetune import FinetuneConfig
 from ddpm_landmarks.config.schema import load_config
 from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
 from ddpm_landmarks.data.registry import build_dataset
 from ddpm_landmarks.data.sample import LandmarkDataset
 from ddpm_landmarks.errors import ConfigError, DataError
-from ddpm_landmarks.config.common import UncertaintyConfig
 from ddpm_landmarks.evaluation.evaluate import (
     GroundTruth,
     evaluate_predictions,
@@ -40,8 +40,15 @@ from ddpm_landmarks.evaluation.evaluate import (
     write_overlays,
 )
 from ddpm_landmarks.evaluation.metrics import measurement_scale
-from ddpm_landmarks.evaluation.uncertainty_report import uncertainty_summary, write_uncertainty
-from ddpm_landmarks.inference.calibration import Calibration, load_calibration, model_settings
+from ddpm_landmarks.evaluation.uncertainty_report import (
+    uncertainty_summary,
+    write_uncertainty,
+)
+from ddpm_landmarks.inference.calibration import (
+    Calibration,
+    load_calibration,
+    model_settings,
+)
 from ddpm_landmarks.inference.predictor import HeatmapPredictor
 from ddpm_landmarks.inference.tta import tta_estimator, tta_views
 from ddpm_landmarks.inference.uncertainty import (
@@ -182,7 +189,8 @@ def evaluate_run(run: TrainedRun, split: Optional[str] = None,
         columns.update({f"flag@{a:g}": (r > flag_radius).astype(int)
                         for a, r in radii[calibration.score].items()})
 
-    out_dir = Path(out_dir) if out_dir else run.run_dir / (f"eval_{split}" + ("_tta" if tta else ""))
+    out_dir = Path(out_dir) if out_dir else \
+        run.run_dir / (f"eval_{split}" + ("_tta" if tta else ""))
     extra = {"split": split, "weights": str(run.weights_dir), "flip_tta": tta,
              "decoder": cfg.decoder.name, "images": len(truths),
              "calibration": None if calibration is None else calibration.score}

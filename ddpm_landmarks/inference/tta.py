@@ -24,7 +24,12 @@ import numpy as np
 import torch
 
 from ddpm_landmarks.config.common import AugmentConfig, UncertaintyConfig
-from ddpm_landmarks.data.transforms import apply_matrix, flip_matrix, random_affine_matrix, warp_image
+from ddpm_landmarks.data.transforms import (
+    apply_matrix,
+    flip_matrix,
+    random_affine_matrix,
+    warp_image,
+)
 from ddpm_landmarks.inference.uncertainty import GridEstimates, LandmarkEstimator
 
 

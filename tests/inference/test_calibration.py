@@ -169,3 +169,49 @@ def test_cli_calibrate_with_tta_and_a_count(run_dir, tmp_path, capsys):
     assert np.isfinite(summary["scales"]["tta"]).all()
     assert main(["calibrate", str(work), "--count", "13", "--device", "cpu"]) == 2
     assert "13 is larger than the 12" in capsys.readouterr().err
+
+
+def test_smp_run_on_a_pixel_unit_dataset(run_dir, tmp_path):
+    """Another init (an untrained smp U-Net) on another reader and unit: the synthetic files
+    read as a `generic` dataset without spacing, so errors and radii are in pixels, and
+    predict's radii are in the files' pixels with flags (no spacing needed)."""
+    from ddpm_landmarks.config.common import FewShotConfig
+    from ddpm_landmarks.config.schema import save_config, to_dict
+    from ddpm_landmarks.data.splits import make_fewshot_split, save_split
+    from ddpm_landmarks.models.registry import build_regressor
+    from ddpm_landmarks.models.saved_regressor import save_regressor
+
+    source = run_dir.parent.parent / "syn"
+    data = tmp_path / "generic"
+    shutil.copytree(source, data)
+    rows = (data / "manifest.csv").read_text().splitlines()
+    (data / "manifest.csv").write_text("\n".join(
+        ["image,split"] + [f"{r.split(',')[0]},{r.split(',')[2]}" for r in rows[1:]]) + "\n")
+    cfg = load_config(None, [
+        "data.dataset=generic", f"data.root={data}", "data.image_size=32", "model.arch=smp_unet",
+        "model.init=scratch", "model.encoder=resnet18", "decoder.min_peak=-1000.0",
+        "uncertainty.flag_radius=3.0", "eval.overlays=0"], cls=FinetuneConfig)
+    work = tmp_path / "run"
+    work.mkdir()
+    save_config(cfg, work / "config.yaml")
+    pool = build_dataset(cfg.data).split("train")
+    assert pool.unit == "px"
+    save_split(make_fewshot_split(pool.ids, FewShotConfig(budget=8, val_count=4)), work)
+    save_regressor(build_regressor(cfg.model, K, 32), work / "export", config=to_dict(cfg))
+
+    assert main(["calibrate", str(work), "--device", "cpu"]) == 0
+    cal = load_calibration(work)
+    assert cal.unit == "px" and len(cal.ids) == 12
+    summary = evaluate_run(load_trained_run(work, device="cpu"), "test1", tmp_path / "eval")
+    assert summary["unit"] == "px" and 0.0 <= summary["uncertainty"]["regions"]["spread"][0.1][
+        "overall"] <= 1.0
+    folder = tmp_path / "images"
+    folder.mkdir()
+    first = build_dataset(cfg.data).split("test1").records[0]
+    shutil.copy(first.image_path, folder / "a.png")
+    assert main(["predict", str(work), "--images", str(folder), "--out", str(tmp_path / "p.csv"),
+                 "--device", "cpu"]) == 0
+    got = read_predictions_csv(tmp_path / "p.csv")["a.png"]
+    assert got["radius_unit"] == "px"
+    np.testing.assert_allclose(got["radius"][0.1], summary["radii"]["spread"][0.1][0], rtol=1e-3)
+    np.testing.assert_array_equal(got["flag"][0.1], got["radius"][0.1] > 3.0)

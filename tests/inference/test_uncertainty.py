@@ -14,6 +14,8 @@ from ddpm_landmarks.evaluation.uncertainty_report import (
     uncertainty_summary,
     write_uncertainty,
 )
+from ddpm_landmarks.evaluation.wandb_log import uncertainty_values
+from ddpm_landmarks.inference.calibration import file_unit_scale
 from ddpm_landmarks.inference.uncertainty import (
     GridEstimates,
     score_scales,
@@ -76,10 +78,12 @@ def test_sparsification_and_auroc_by_hand():
     assert backwards["auroc"] == 0.0 and backwards["mre_rest"] == pytest.approx(3.0)
     assert backwards["mre_drop_percent"] == pytest.approx(-20.0)
     # A miss is a large error and is left out of every MRE; NaN (no ground truth) is dropped.
-    with_miss = ranking_quality(np.array([[1.0, np.inf, np.nan]]), np.array([[1.0, 2.0, 9.0]]),
-                                2.5, 0.5)
-    assert with_miss["pairs"] == 2 and with_miss["large_errors"] == 1
-    assert with_miss["auroc"] == 1.0 and with_miss["mre_all"] == 1.0
+    # An unknown scale (NaN: flat heatmap) ranks as the least sure.
+    with_miss = ranking_quality(np.array([[1.0, np.inf, np.nan, 2.0]]),
+                                np.array([[1.0, np.nan, 9.0, 0.5]]), 2.5, 0.34)
+    assert with_miss["pairs"] == 3 and with_miss["large_errors"] == 1
+    assert with_miss["auroc"] == 1.0 and with_miss["mre_all"] == 1.5
+    assert with_miss["mre_rest"] == 1.5                        # the miss went first
 
 
 def test_summary_files_and_table(tmp_path):
@@ -104,3 +108,16 @@ def test_summary_files_and_table(tmp_path):
     assert len(lines) == 3
     text = format_uncertainty(report)
     assert "| spread (used) | 0.1 |" in text and "| spread | " in text
+
+
+def test_file_units_and_logged_numbers():
+    # predict: a file is its own original grid; px@WxH scales by reference / file size.
+    assert file_unit_scale("px", (300, 200), None) == (1.0, 1.0)
+    assert file_unit_scale("px@512x512", (256, 1024), None) == (2.0, 0.5)
+    assert file_unit_scale("mm", (300, 200), None) is None
+    assert file_unit_scale("mm", (300, 200), (0.1, 0.2)) == (0.1, 0.2)
+    report = uncertainty_summary(np.array([[1.0, 3.0]]), {"spread": np.array([[1.0, 2.0]])},
+                                 {"spread": {0.1: np.array([[2.0, 2.0]])}}, threshold=2.0,
+                                 flag_radius=2.5, primary="spread")
+    assert uncertainty_values(report) == {"auroc_spread": 1.0, "mre_drop_spread": 0.0,
+                                          "coverage@0.1": 0.5, "mean_radius@0.1": 2.0}
