@@ -25,6 +25,7 @@ from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
 from ddpm_landmarks.data.registry import build_dataset
 from ddpm_landmarks.data.splits import make_fewshot_split, split_files
 from ddpm_landmarks.errors import ConfigError
+from ddpm_landmarks.inference.calibrate import calibrate_after_finetune
 from ddpm_landmarks.methods.heatmap_regression import HeatmapRegressionMethod
 from ddpm_landmarks.models.registry import build_regressor
 from ddpm_landmarks.models.regressor import param_groups
@@ -107,6 +108,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         log.info("done: step %d, loss %.4f%s; models in %s", summary["step"], summary["loss"],
                  f", best val MRE {best:.3f} at step {summary['best_step']}"
                  if np.isfinite(best) else "", launch.run_dir)
+    if launch.is_main and cfg.uncertainty.calibrate_after_training:
+        summary["calibration"] = str(calibrate_after_finetune(launch.run_dir))
     return summary
 
 

@@ -1,8 +1,11 @@
-"""`ddpm-landmarks evaluate RUN [--split test1] [--weights best|export|DIR] [--flip-tta]`.
+"""`ddpm-landmarks evaluate RUN [--split test1] [--weights best|export|DIR] [--flip-tta]
+[--tta-score]`.
 
 Scores a fine-tuning run on a labelled split: decode with the run's decoder, map to original
 pixels, write metrics.json / per_landmark.csv / predictions.csv and best/worst overlays into
 RUN/eval_<split>/ (or --out), log them to W&B when the run's logger is wandb, print the table.
+Also the uncertainty report (uncertainty.json, sparsification.png; coverage and radii with the
+run's calibration.json, see `ddpm-landmarks calibrate`).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddpm_landmarks.evaluation.evaluate import format_summary
+    from ddpm_landmarks.evaluation.uncertainty_report import format_uncertainty
     from ddpm_landmarks.evaluation.wandb_log import log_evaluation
     from ddpm_landmarks.inference.runs import evaluate_run, load_trained_run
     from ddpm_landmarks.utils.logging_setup import setup_logging
@@ -19,11 +23,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     setup_logging()
     run = load_trained_run(args.run, args.weights, args.overrides, device=args.device)
     summary = evaluate_run(run, args.split, Path(args.out) if args.out else None,
-                           flip_tta=True if args.flip_tta else None)
+                           flip_tta=True if args.flip_tta else None, tta_score=args.tta_score)
     out_dir = summary["out_dir"]
     title = f"{run.run_dir.name} ({run.weights_dir.name}) on {summary['dataset'].name}" + (
         " + flip TTA" if "_tta" in out_dir.name else "")
     print(format_summary(summary, title))
+    print(format_uncertainty(summary["uncertainty"]))
     print(f"results: {out_dir}")
     log_evaluation(run.cfg.logger, run.run_dir, f"{run.run_dir.name}-eval-{summary['split']}",
                    summary, out_dir)
@@ -39,6 +44,8 @@ def add_parser(subparsers) -> None:
                         "saved regressor folder")
     p.add_argument("--flip-tta", action="store_true",
                    help="average with the mirrored image (needs a left/right permutation)")
+    p.add_argument("--tta-score", action="store_true",
+                   help="also compute the test-time-augmentation uncertainty score")
     p.add_argument("--out", default=None, help="result folder (default RUN/eval_<split>)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. decoder.name=argmax")

@@ -6,6 +6,7 @@ import sys
 
 from ddpm_landmarks.cli import (
     attention_command,
+    calibrate_command,
     classify_command,
     data_commands,
     evaluate_command,
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     mean_shape_command.add_parser(subparsers)
     training_commands.add_parser(subparsers)
     evaluate_command.add_parser(subparsers)
+    calibrate_command.add_parser(subparsers)
     predict_command.add_parser(subparsers)
     grid_command.add_parser(subparsers)
     report_command.add_parser(subparsers)

@@ -110,6 +110,38 @@ class EvalConfig:
 
 
 @dataclass
+class UncertaintyConfig:
+    """Per-landmark uncertainty scores and conformal prediction regions (`calibrate`,
+    `evaluate`, `predict`; inference/uncertainty.py, evaluation/conformal.py). Lengths are in
+    the dataset's error unit (mm where the spacing is known, else pixels)."""
+    # The score that scales each landmark's region: none (one radius per landmark), peak
+    # (1 / decoded peak), spread (heatmap spread), tta (spread of test-time-augmented points).
+    score: Literal["none", "peak", "spread", "tta"] = "spread"
+    spread: Literal["moments", "gaussian_fit"] = "moments"   # heatmaps/spread.py
+    window: int = 0                     # spread window half-width, model-grid px; 0 = 3 sigma
+    score_floor: float = 1e-3           # scores are raised to this (no division by ~0)
+    tta: bool = False                   # also compute the tta score (extra forward passes)
+    tta_jitters: int = 4                # small affine jitters, each mapped back exactly
+    tta_rotation_deg: float = 3.0
+    tta_scale: tuple[float, float] = (0.97, 1.03)
+    tta_translate: float = 0.02         # fraction of the model grid
+    tta_flip: bool = True               # + the mirrored image (datasets with a permutation)
+    tta_seed: int = 0
+    alphas: list[float] = field(default_factory=lambda: [0.1, 0.05])   # miscoverage levels
+    # A point is flagged when its radius exceeds this; None = the dataset's smallest SDR
+    # threshold (2 mm on ISBI). The same default sets the "large error" of the AUROC.
+    flag_radius: Optional[float] = None
+    error_threshold: Optional[float] = None
+    # evaluate: the MRE of the other points when this most uncertain share is flagged
+    flagged_fraction: float = 0.1
+    # Calibration images: a seeded draw from the training pool without the few-shot train and
+    # validation images (None = all of them); never the evaluation split.
+    calibration_count: Optional[int] = None
+    calibration_seed: int = 0
+    calibrate_after_training: bool = False   # finetune ends with `ddpm-landmarks calibrate`
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     output_dir: str = "runs"

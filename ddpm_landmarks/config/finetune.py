@@ -16,6 +16,7 @@ from ddpm_landmarks.config.common import (
     FewShotConfig,
     HeatmapConfig,
     RunConfig,
+    UncertaintyConfig,
 )
 from ddpm_landmarks.config.ranges import dotted, ranged
 from ddpm_landmarks.config.training import LoggerConfig, OptimConfig, TrainConfig
@@ -115,6 +116,7 @@ class FinetuneConfig:
     heatmap: HeatmapConfig = field(default_factory=HeatmapConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
     model: RegressorConfig = field(default_factory=RegressorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)

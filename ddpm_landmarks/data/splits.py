@@ -13,6 +13,9 @@ Validation (`cfg.val_policy`):
 - within_budget: cfg.val_count of the N drawn images are held out for validation, so only N
                  labelled images are used in total (the strict few-shot setting).
 - none:          no validation images.
+
+Calibration (`draw_calibration`): the images that calibrate the conformal prediction regions
+(inference/calibration.py) are drawn the same way from what the budget and validation left.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from ddpm_landmarks.utils.atomic import atomic_write_text
 
 # Distinguishes the validation generator from the budget generator of the same (seed, draw).
 _VAL_STREAM = 1
+# ... and the calibration draw (draw_calibration) from both.
+_CALIBRATION_STREAM = 2
 
 
 @dataclass
@@ -145,6 +150,28 @@ def make_fewshot_split(train_ids: Sequence[str], cfg: FewShotConfig) -> FewShotS
                         policy=f"{how}; {vhow} ({cfg.val_policy})",
                         seed=cfg.seed, draw=cfg.draw, budget=budget, selection=cfg.policy,
                         val_policy=cfg.val_policy, val_count=len(val), pool_size=len(pool))
+
+
+def draw_calibration(pool_ids: Sequence[str], exclude: Sequence[str], count: Optional[int],
+                     seed: int) -> list[str]:
+    """Calibration images for conformal prediction regions: `count` ids (None = all) drawn
+    with `seed` from the labelled pool without `exclude` (the run's few-shot training and
+    validation images), sorted; reproducible from (seed, count) and independent of the
+    budget draws. ValueError when the pool has fewer images left than asked for."""
+    pool = _pool(pool_ids)
+    excluded = set(str(i) for i in exclude)
+    rest = [i for i in pool if i not in excluded]
+    if not rest:
+        raise ValueError(f"no labelled images left for calibration: all {len(pool)} images of "
+                         f"the pool are few-shot training or validation images")
+    if count is None:
+        return sorted(rest)
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(f"calibration count must be a positive integer, got {count!r}")
+    if count > len(rest):
+        raise ValueError(f"calibration count {count} is larger than the {len(rest)} images left "
+                         f"in the pool of {len(pool)} after the few-shot train/validation images")
+    return _seeded_choice(rest, int(count), [int(seed), int(count), _CALIBRATION_STREAM])
 
 
 def split_files(split: FewShotSplit) -> dict[str, str]:

@@ -63,8 +63,10 @@ def sdr_thresholds(dataset: LandmarkDataset, cfg: EvalConfig) -> list[float]:
 def evaluate_predictions(dataset: LandmarkDataset, truths: Sequence[GroundTruth],
                          predictions: np.ndarray, cfg: EvalConfig,
                          out_dir: Optional[Path] = None, extra: Optional[dict] = None,
-                         confidence: Optional[np.ndarray] = None) -> dict:
-    """Radial errors per image/landmark in the dataset's unit, summary, and result files."""
+                         confidence: Optional[np.ndarray] = None,
+                         extra_columns: Optional[dict[str, np.ndarray]] = None) -> dict:
+    """Radial errors per image/landmark in the dataset's unit, summary, and result files
+    (`confidence` and `extra_columns` (N, K) become predictions.csv columns)."""
     predictions = np.asarray(predictions, dtype=np.float64)
     gt = np.stack([t.landmarks for t in truths])
     scales, units = zip(*(measurement_scale(dataset, t) for t in truths))
@@ -73,7 +75,8 @@ def evaluate_predictions(dataset: LandmarkDataset, truths: Sequence[GroundTruth]
     summary["unit"] = units[0]
     if out_dir is not None:
         write_results(out_dir, [t.id for t in truths], dataset.landmark_names, predictions, gt,
-                      errors, summary, units[0], extra=extra, confidence=confidence)
+                      errors, summary, units[0], extra=extra, confidence=confidence,
+                      extra_columns=extra_columns)
     summary["errors"] = errors
     return summary
 
@@ -92,9 +95,12 @@ def format_summary(summary: dict, title: str = "") -> str:
 
 
 def write_overlays(dataset: LandmarkDataset, truths: Sequence[GroundTruth], predictions: np.ndarray,
-                   errors: np.ndarray, out_dir: Path, count: int = 3) -> list[Path]:
+                   errors: np.ndarray, out_dir: Path, count: int = 3,
+                   regions: Optional[np.ndarray] = None) -> list[Path]:
     """Overlay PNGs of the best and worst images: ground truth green and numbered, prediction
-    red and labelled "index:error" in the dataset's unit, image MRE in the title."""
+    red and labelled "index:error" in the dataset's unit, image MRE in the title. `regions`
+    (N, K, 2): semi-axes in original pixels of each prediction's region (conformal radius),
+    drawn as red circles / ellipses."""
     per_image = np.array([np.nanmean(np.where(np.isinf(e), np.nan, e)) if np.isfinite(e).any()
                           else np.inf for e in errors])
     order = np.argsort(per_image)
@@ -108,6 +114,7 @@ def write_overlays(dataset: LandmarkDataset, truths: Sequence[GroundTruth], pred
         title = f"{sample.id}  MRE {per_image[i]:.2f} {dataset.unit}"
         image = visualize.overlay(sample.image, gt=original_to_stored(truths[i].landmarks, scale),
                                   pred=original_to_stored(predictions[i], scale), title=title,
-                                  errors=errors[i])
+                                  errors=errors[i],
+                                  regions=None if regions is None else regions[i] * scale)
         written.append(visualize.write_png(out_dir / f"{rank}_{sample.id}.png", image))
     return written

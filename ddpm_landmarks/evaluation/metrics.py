@@ -130,13 +130,13 @@ def measurement_scale(dataset, record_or_sample) -> tuple[tuple[float, float], s
     raise ValueError(f"{dataset.name}: unknown error unit {unit!r}")
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN -> null, inf -> "inf": metrics.json stays strict JSON (json.dumps allow_nan=False)."""
     if isinstance(value, dict):
-        return {(f"{k:g}" if isinstance(k, float) else str(k)): _json_safe(v)
+        return {(f"{k:g}" if isinstance(k, float) else str(k)): json_safe(v)
                 for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (np.floating, float)):
         value = float(value)
         if math.isnan(value):
@@ -170,13 +170,15 @@ def write_results(out_dir: str | Path, ids: Sequence[str], names: Sequence[str],
                   pred: np.ndarray, gt: np.ndarray, errors: np.ndarray,
                   summary: dict[str, Any], unit: str,
                   extra: Optional[dict[str, Any]] = None,
-                  confidence: Optional[np.ndarray] = None) -> dict[str, Path]:
+                  confidence: Optional[np.ndarray] = None,
+                  extra_columns: Optional[dict[str, np.ndarray]] = None) -> dict[str, Path]:
     """Write metrics.json, per_landmark.csv and predictions.csv into `out_dir`, atomically.
 
     Coordinates are original pixels as given; in predictions.csv a missing coordinate is an
     empty cell, the error of a miss is "inf" and of a pair without ground truth empty.
     `extra` (e.g. decoder, checkpoint) is stored in metrics.json as is. `confidence` (N, K),
-    when given, is one more predictions.csv column (the decoded heatmap peak).
+    when given, is one more predictions.csv column (the decoded heatmap peak), and so is each
+    (N, K) array of `extra_columns` (uncertainty scores, conformal radii), under its key.
     """
     out_dir = Path(out_dir)
     pred, gt = np.asarray(pred, dtype=np.float64), np.asarray(gt, dtype=np.float64)
@@ -195,7 +197,7 @@ def write_results(out_dir: str | Path, ids: Sequence[str], names: Sequence[str],
     paths = {"metrics": out_dir / "metrics.json", "per_landmark": out_dir / "per_landmark.csv",
              "predictions": out_dir / "predictions.csv"}
     atomic_write_text(paths["metrics"],
-                      json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n")
+                      json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n")
 
     header = list(table[0].keys()) if table else ["landmark_index", "name"]
     atomic_write_text(paths["per_landmark"],
@@ -209,5 +211,9 @@ def write_results(out_dir: str | Path, ids: Sequence[str], names: Sequence[str],
         confidence = np.asarray(confidence, dtype=np.float64).reshape(n, k)
         header.append("confidence")
         rows = [row + [confidence[row_i // k, row_i % k]] for row_i, row in enumerate(rows)]
+    for name, values in (extra_columns or {}).items():
+        values = np.asarray(values).reshape(n, k)
+        header.append(name)
+        rows = [row + [values[row_i // k, row_i % k]] for row_i, row in enumerate(rows)]
     atomic_write_text(paths["predictions"], csv_text(header, rows))
     return paths

@@ -44,11 +44,27 @@ def draw_points(canvas: np.ndarray, points: np.ndarray, colour: tuple[int, int, 
     return canvas
 
 
+def draw_regions(canvas: np.ndarray, points: np.ndarray, axes: np.ndarray,
+                 colour: tuple[int, int, int] = PRED_COLOUR) -> np.ndarray:
+    """Outline an axis-aligned ellipse of semi-axes `axes` (K, 2) (canvas pixels; a circle
+    when equal) around each of the (K, 2) points; NaN points and non-finite axes skipped."""
+    for p, a in zip(np.asarray(points, dtype=np.float64), np.asarray(axes, dtype=np.float64)):
+        if np.isfinite(p).all() and np.isfinite(a).all():
+            size = _cv_point(a)
+            cv2.ellipse(canvas, _cv_point(p), (max(size[0], 1), max(size[1], 1)), 0.0, 0.0,
+                        360.0, colour, 1, cv2.LINE_AA, shift=4)
+    return canvas
+
+
 def overlay(image: np.ndarray, gt: Optional[np.ndarray] = None, pred: Optional[np.ndarray] = None,
-            title: str = "", errors: Optional[np.ndarray] = None) -> np.ndarray:
+            title: str = "", errors: Optional[np.ndarray] = None,
+            regions: Optional[np.ndarray] = None) -> np.ndarray:
     """Image with ground truth (green, numbered), prediction (red) and a line joining each pair.
-    With `errors` (K,) each prediction is labelled "index:error" (a miss has no dot)."""
+    With `errors` (K,) each prediction is labelled "index:error" (a miss has no dot); with
+    `regions` (K, 2) each prediction gets its region's outline (semi-axes in image pixels)."""
     canvas = to_bgr(image)
+    if pred is not None and regions is not None:
+        draw_regions(canvas, pred, regions)
     if gt is not None and pred is not None:
         for g, p in zip(gt, pred):
             if not (np.isnan(g).any() or np.isnan(p).any()):

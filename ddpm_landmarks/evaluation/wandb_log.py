@@ -1,5 +1,6 @@
-"""Evaluation results to W&B: a run in the training run's group with the summary numbers, the
-per-landmark table, the per-image predictions table and the overlay images.
+"""Evaluation results to W&B: a run in the training run's group with the summary numbers (with
+the uncertainty ones: AUROC, coverage, mean radius), the per-landmark table, the per-image
+predictions table, the overlay images and the sparsification plot.
 
 Offline (a local run under run_dir/wandb/) when there is no API key, like training.
 """
@@ -9,6 +10,21 @@ from pathlib import Path
 from typing import Optional
 
 from ddpm_landmarks.utils.wandb import csv_table, resolve_wandb_mode
+
+
+def uncertainty_values(report: Optional[dict]) -> dict:
+    """Flat numbers of an uncertainty report (evaluation/uncertainty_report.py): AUROC and MRE
+    drop per score; coverage and mean radius per alpha of the score the regions use."""
+    if not report:
+        return {}
+    values = {}
+    for name, r in report["ranking"].items():
+        values[f"auroc_{name}"] = r["auroc"]
+        values[f"mre_drop_{name}"] = r["mre_drop_percent"]
+    for alpha, q in report["regions"].get(report["primary"], {}).items():
+        values[f"coverage@{alpha:g}"] = q["overall"]
+        values[f"mean_radius@{alpha:g}"] = q["mean_radius"]
+    return values
 
 
 def log_evaluation(logger_cfg, run_dir: Path, name: str, summary: dict,
@@ -28,11 +44,15 @@ def log_evaluation(logger_cfg, run_dir: Path, name: str, summary: dict,
         values = {"mre": summary["mre"], "sd": summary["sd"], "median": summary["median"],
                   "n": summary["n"], "missed": summary["missed"]}
         values.update({f"sdr@{t:g}": v for t, v in summary["sdr"].items()})
+        values.update(uncertainty_values(summary.get("uncertainty")))
         run.summary.update({f"eval/{k}": v for k, v in values.items()})
+        images = {}
+        if (out_dir / "sparsification.png").is_file():
+            images["eval/sparsification"] = wandb.Image(str(out_dir / "sparsification.png"))
         run.log({"eval/per_landmark": csv_table(wandb, out_dir / "per_landmark.csv"),
                  "eval/predictions": csv_table(wandb, out_dir / "predictions.csv"),
                  "eval/overlays": [wandb.Image(str(p), caption=Path(p).stem)
-                                   for p in summary.get("overlays", [])]})
+                                   for p in summary.get("overlays", [])], **images})
         return run.dir
     finally:
         run.finish()

@@ -17,6 +17,15 @@ peak; a landmark without a usable peak has NaN coordinates (empty CSV cells) and
 
 A file that cannot be read (corrupt, empty, not an image) is logged with its name, counted as
 failed, and skipped; the others are still predicted.
+
+With the run's calibration (RUN/calibration.json, `ddpm-landmarks calibrate`) each point also
+gets its conformal radius per alpha (radius@0.1, ...: the true point lies within it with
+probability >= 1 - alpha, for images like the calibration images) and a flag per alpha
+(flag@0.1 = 1 when the radius exceeds uncertainty.flag_radius: a point to check). The radius is
+in the calibration's unit (mm) when the file's spacing is known (--spacing, or the unit is
+pixels); otherwise spread / tta radii are in the file's pixels (radius_unit px, no flag: the
+threshold is in mm) and none / peak radii stay in mm (not drawn). Overlays draw the first
+alpha's region around each point.
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ from ddpm_landmarks.data.transforms import (
 from ddpm_landmarks.errors import ConfigError, DataError
 from ddpm_landmarks.evaluation import visualize
 from ddpm_landmarks.evaluation.metrics import csv_text
+from ddpm_landmarks.inference.calibration import file_regions
 from ddpm_landmarks.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -53,6 +63,9 @@ class ImagePrediction:
     size: tuple[int, int]       # (width, height) of the file
     points: np.ndarray          # (K, 2) float64 in the file's pixels; NaN = no usable peak
     confidence: np.ndarray      # (K,) decoded peak; 0 where missing
+    radii: dict = field(default_factory=dict)   # {alpha: (K,)} with a calibration
+    radius_unit: str = ""       # unit of radii: the calibration's, or px (the file's pixels)
+    flags: dict = field(default_factory=dict)   # {alpha: (K,) bool}; empty when not decidable
 
 
 @dataclass
@@ -62,6 +75,7 @@ class PredictResult:
     predictions: list[ImagePrediction] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)   # (name, message)
     overlays: list[Path] = field(default_factory=list)
+    alphas: list[float] = field(default_factory=list)              # calibrated: radius columns
 
     @property
     def total(self) -> int:
@@ -204,14 +218,16 @@ def _load(path: Path, size: int, mode: str):
 
 def predict_folder(run, images: str | Path | Sequence[str | Path], flip_tta: Optional[bool] = None,
                    batch_size: Optional[int] = None,
-                   overlay_dir: Optional[str | Path] = None) -> PredictResult:
+                   overlay_dir: Optional[str | Path] = None,
+                   spacing: Optional[tuple[float, float]] = None) -> PredictResult:
     """Predict every image of a folder (recursive) or list of files with a TrainedRun.
 
     Points are floats in each file's own pixels. flip_tta None = the run's eval.flip_tta;
     batch_size None = the run's eval.batch_size. With `overlay_dir`, one PNG per image (the
     prediction drawn and numbered on the file) is written there, atomically, as it goes.
-    Unreadable files are logged and listed in `result.failed`; DataError when there is nothing
-    to predict at all."""
+    With the run's calibration, radii and flags (module doc); `spacing` = (x, y) mm per file
+    pixel of every file, for radii in mm. Unreadable files are logged and listed in
+    `result.failed`; DataError when there is nothing to predict at all."""
     cfg = run.cfg
     size, mode = int(cfg.data.image_size), cfg.data.resize_mode
     tta = cfg.eval.flip_tta if flip_tta is None else bool(flip_tta)
@@ -230,9 +246,16 @@ def predict_folder(run, images: str | Path | Sequence[str | Path], flip_tta: Opt
         raise ConfigError("flip test-time augmentation needs the left/right landmark permutation "
                           f"of the run's dataset, which is not available ({reason}); drop "
                           "--flip-tta or set eval.flip_tta=false")
-    predictor = run.predictor(permutation, tta)
+    estimator, calibration, _ = run.scoring(permutation, tta)
+    if calibration is None:
+        log.info("no radii: %s has no calibration for these weights (ddpm-landmarks calibrate)",
+                 run.run_dir)
+    flag_radius = cfg.uncertainty.flag_radius
+    if calibration is not None and flag_radius is None:
+        flag_radius = calibration.uncertainty.flag_radius      # resolved for the dataset
 
-    result = PredictResult(root=root, landmark_names=names)
+    result = PredictResult(root=root, landmark_names=names,
+                           alphas=list(calibration.alphas) if calibration else [])
     rel = {p: _relative_name(p, root) for p in files}
     overlay_as = overlay_names(list(rel.values())) if overlay_dir is not None else {}
     # (path, (w, h), file image if an overlay is drawn else None, model input, model -> file)
@@ -241,15 +264,21 @@ def predict_folder(run, images: str | Path | Sequence[str | Path], flip_tta: Opt
     def flush() -> None:
         if not pending:
             return
-        grid_points, confidence = predictor(torch.stack([item[3] for item in pending]))
-        for (path, wh, image, _, to_file), p, c in zip(pending, grid_points, confidence):
+        grid = estimator.estimate(torch.stack([item[3] for item in pending]))
+        regions = [({}, "", {}, None)] * len(pending)
+        if calibration is not None:
+            regions = file_regions(calibration, grid, [item[4] for item in pending],
+                                   [item[1] for item in pending], spacing, flag_radius)
+        for (path, wh, image, _, to_file), p, c, (radii, unit, flags, axes) in zip(
+                pending, grid.points, grid.peak, regions):
             name = rel[path]
             points = map_to_original(p, to_file)
             result.predictions.append(ImagePrediction(
                 name=name, path=path, size=wh, points=points,
-                confidence=np.asarray(c, dtype=np.float64)))
+                confidence=np.asarray(c, dtype=np.float64), radii=radii, radius_unit=unit,
+                flags=flags))
             if image is not None:
-                drawn = visualize.overlay(image, pred=points, title=name)
+                drawn = visualize.overlay(image, pred=points, title=name, regions=axes)
                 result.overlays.append(visualize.write_png(overlay_dir / overlay_as[name], drawn))
         pending.clear()
 
@@ -271,6 +300,14 @@ def predict_folder(run, images: str | Path | Sequence[str | Path], flip_tta: Opt
     return result
 
 
+def csv_header(result: PredictResult) -> tuple[str, ...]:
+    """CSV_HEADER, plus radius@a ..., radius_unit, flag@a ... with a calibration."""
+    if not result.alphas:
+        return CSV_HEADER
+    return CSV_HEADER + tuple(f"radius@{a:g}" for a in result.alphas) + ("radius_unit",) + \
+        tuple(f"flag@{a:g}" for a in result.alphas)
+
+
 def prediction_rows(result: PredictResult) -> list[list]:
     rows = []
     for pred in result.predictions:
@@ -279,20 +316,25 @@ def prediction_rows(result: PredictResult) -> list[list]:
             if not (np.isfinite(x) and np.isfinite(y)):
                 x = y = float("nan")              # missing: both cells empty
                 c = 0.0
-            rows.append([pred.name, k, result.landmark_names[k], float(x), float(y), float(c),
-                         w, h])
+            row = [pred.name, k, result.landmark_names[k], float(x), float(y), float(c), w, h]
+            if result.alphas:
+                row += [float(pred.radii[a][k]) for a in result.alphas] + [pred.radius_unit]
+                row += [int(pred.flags[a][k]) if pred.flags else "" for a in result.alphas]
+            rows.append(row)
     return rows
 
 
 def write_predictions_csv(result: PredictResult, path: str | Path) -> Path:
-    """image,landmark_index,name,x,y,confidence,width,height; coordinates in the file's pixels
-    at full precision (repr), a missing landmark has empty x, y and confidence 0. Atomic."""
-    return atomic_write_text(Path(path), csv_text(CSV_HEADER, prediction_rows(result)))
+    """image,landmark_index,name,x,y,confidence,width,height (+ radius@a..., radius_unit,
+    flag@a... with a calibration; an infinite radius is "inf"); coordinates in the file's
+    pixels at full precision (repr), a missing landmark has empty x, y and confidence 0. Atomic."""
+    return atomic_write_text(Path(path), csv_text(csv_header(result), prediction_rows(result)))
 
 
 def read_predictions_csv(path: str | Path) -> dict[str, dict]:
     """Read a predict CSV back: {image: {"points": (K, 2), "confidence": (K,), "size": (w, h),
-    "names": [...]}} (NaN for empty coordinates)."""
+    "names": [...]}} (NaN for empty coordinates), plus "radius" {alpha: (K,)}, "radius_unit"
+    and "flag" {alpha: (K,) 1 / 0 / -1 undecided} when the CSV has radius columns."""
     import csv
 
     out: dict[str, dict] = {}
@@ -307,4 +349,11 @@ def read_predictions_csv(path: str | Path) -> dict[str, dict]:
                                      float(r["y"]) if r["y"] else np.nan] for r in rows])
         entry["confidence"] = np.array([float(r["confidence"]) for r in rows])
         entry["names"] = [r["name"] for r in rows]
+        alphas = [c[len("radius@"):] for c in rows[0] if c.startswith("radius@")]
+        if alphas:                          # calibrated: {alpha: (K,)}, inf parsed by float()
+            entry["radius"] = {float(a): np.array([float(r[f"radius@{a}"]) for r in rows])
+                               for a in alphas}
+            entry["radius_unit"] = rows[0]["radius_unit"]
+            entry["flag"] = {float(a): np.array([int(r[f"flag@{a}"]) if r[f"flag@{a}"] != ""
+                                                 else -1 for r in rows]) for a in alphas}
     return out

@@ -9,6 +9,7 @@ from ddpm_landmarks.config.common import FewShotConfig
 from ddpm_landmarks.data.splits import (
     FewShotSplit,
     draw_budget,
+    draw_calibration,
     first_n,
     load_split,
     make_fewshot_split,
@@ -126,3 +127,23 @@ def test_save_load_round_trip(tmp_path):
         load_split(tmp_path)
     with pytest.raises(FileNotFoundError):
         load_split(tmp_path / "nowhere")
+
+
+def test_calibration_draw_avoids_the_split_and_is_seeded():
+    """ISBI-like: 50 labels + 10 validation images leave 90 for calibration."""
+    split = make_fewshot_split(POOL, FewShotConfig(budget=50, val_count=10))
+    seen = split.train_ids + split.val_ids
+    every = draw_calibration(POOL, seen, None, seed=0)
+    assert every == sorted(set(POOL) - set(seen)) and len(every) == 90
+    a = draw_calibration(POOL, seen, 40, seed=0)
+    assert len(a) == 40 and set(a) <= set(every) and a == sorted(a)
+    assert a == draw_calibration(list(reversed(POOL)), seen, 40, seed=0)   # order-free
+    assert a != draw_calibration(POOL, seen, 40, seed=1)
+    # Not the budget generator of the same seed: another stream.
+    assert a != draw_budget(every, 40, draw=0, seed=0)
+    with pytest.raises(ValueError, match="91 is larger than the 90"):
+        draw_calibration(POOL, seen, 91, seed=0)
+    with pytest.raises(ValueError, match="no labelled images left"):
+        draw_calibration(POOL[:60], POOL[:60], None, seed=0)
+    with pytest.raises(ValueError, match="positive integer"):
+        draw_calibration(POOL, seen, 0, seed=0)
