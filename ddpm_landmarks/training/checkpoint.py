@@ -313,6 +313,22 @@ def read_checkpoint(ckpt: Path, rank: int, with_ema: bool) -> CheckpointData:
     return data
 
 
+def apply_checkpoint(data: CheckpointData, model: torch.nn.Module, optimizer, scheduler, ema,
+                     scaler, device: torch.device) -> None:
+    """Load what read_checkpoint read into the (unwrapped) model, optimiser, scheduler, EMA,
+    fp16 scaler and this process's random generators."""
+    model.load_state_dict(data.model, strict=True)
+    optimizer.load_state_dict(data.optimizer)
+    scheduler.load_state_dict(data.scheduler)
+    if ema is not None:
+        ema.load_state(*data.ema)
+        ema.to(device)
+    if data.scaler is not None and scaler is not None:
+        scaler.load_state_dict(data.scaler)
+    if data.rng is not None:
+        set_rng_state(data.rng["tensors"], data.rng["meta"])
+
+
 def latest_readable(run_dir: Path, rank: int, with_ema: bool) -> Optional[CheckpointData]:
     """The newest checkpoint that reads completely; a broken one is named in a warning and the
     one before it is tried. None when there is no (readable) checkpoint."""

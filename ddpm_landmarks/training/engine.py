@@ -11,15 +11,16 @@ Resuming (training/checkpoint.py: safetensors + JSON, nothing unpickled) restore
 optimiser, schedule, RNG states and the position in the data: the shuffle order of an epoch
 depends only on (seed, epoch), augmentations only on (seed, epoch, item) (data/randomness.py),
 and the batches of the interrupted epoch that were already used are skipped, so a resumed run
-is bit for bit the run that was interrupted (fp32 on one CPU / GPU).
+is bit for bit the run that was interrupted (fp32 on one CPU / GPU). A custom `sampler`
+(data/samplers.EpochSampler) must keep that property; before each epoch it is told how its
+positions map to optimiser steps, and its `scalars(step)` are logged (data/curriculum.py's
+staged sampler uses both).
 
 Non-finite steps: an optimiser step whose loss or gradient norm is not finite (on any process)
 is skipped - no update, no schedule or EMA step - and counted (train/nonfinite_skipped); more
 than cfg.max_nonfinite_steps in a row stop the run with an error naming the step. With fp16
 on a GPU the GradScaler skips overflowing steps itself (its scale backs off); fp16 without a
-GPU is refused. A model with a non-finite weight is never checkpointed or exported. A custom `sampler` (data/samplers.EpochSampler) must
-keep that property; before each epoch it is told how its positions map to optimiser steps, and
-its `scalars(step)` are logged (data/curriculum.py's staged sampler uses both).
+GPU is refused. A model with a non-finite weight is never checkpointed or exported.
 
 Validation (fine-tuning): `validate(model) -> {"val/mre": ..., ...}` runs on the main process
 every cfg.eval_every steps and at the end, under the EMA weights when there is an EMA. Its
@@ -36,10 +37,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import resource
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -55,14 +54,14 @@ from ddpm_landmarks.config.training import OptimConfig, TrainConfig
 from ddpm_landmarks.data.randomness import set_data_epoch
 from ddpm_landmarks.data.samplers import EpochSampler, EpochShuffleSampler
 from ddpm_landmarks.errors import NonFiniteError
+from ddpm_landmarks.training.best_model import export_best
 from ddpm_landmarks.training.checkpoint import (
-    BEST_SNAPSHOT,
     CheckpointData,
+    apply_checkpoint,
     explicit_checkpoint,
     latest_readable,
     read_checkpoint,
     save_checkpoint,
-    set_rng_state,
 )
 from ddpm_landmarks.training.ema import EMA
 from ddpm_landmarks.training.optim import (
@@ -70,14 +69,11 @@ from ddpm_landmarks.training.optim import (
     build_optimizer,
     build_scheduler,
 )
-from ddpm_landmarks.utils.atomic import atomic_write_text, fsync_path
 
 log = logging.getLogger(__name__)
 
 ImageLogger = Callable[[Accelerator, dict, int], None]
 Validator = Callable[[torch.nn.Module], dict]
-BEST_INFO = "best.json"
-
 
 
 def _no_image_logging(accelerator: Accelerator, images: dict, step: int) -> None:
@@ -120,6 +116,21 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# The trainer's progress, saved in every checkpoint's trainer_state.json: name -> start value.
+PROGRESS = {
+    "step": 0,                    # optimiser steps
+    "micro_step": 0,              # micro-batches on this process
+    "epoch": 0,
+    "batches_in_epoch": 0,        # micro-batches of `epoch` already consumed
+    "best_value": math.inf,       # validation: the best monitored value, its step, how many
+    "best_step": -1,              # validations since without a better one, early stopping
+    "bad_evals": 0,
+    "stopped_early": False,
+    "nonfinite_skipped": 0,       # optimiser steps skipped for non-finite values, in all and
+    "nonfinite_in_a_row": 0,      # in a row
+}
 
 
 class Trainer:
@@ -195,15 +206,10 @@ class Trainer:
         self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
 
         # ------------------------------------------------------------------ state
-        self.step = 0             # optimiser steps
-        self.micro_step = 0       # micro-batches on this process
-        self.epoch = 0
-        self.batches_in_epoch = 0  # micro-batches of self.epoch already consumed
+        for name, default in PROGRESS.items():      # what a checkpoint restores, see PROGRESS
+            setattr(self, name, default)
         self.loss_generator = torch.Generator(device=acc.device)
         self._last_saved = -1     # step of the newest checkpoint of this run
-        self.best_value, self.best_step, self.bad_evals = math.inf, -1, 0
-        self.stopped_early = False
-        self.nonfinite_skipped, self.nonfinite_in_a_row = 0, 0
         if resume_from is None and cfg.resume:
             # The scripts read (and check) the checkpoint before building anything
             # (training/run_folder.py); the engine used on its own reads it here.
@@ -221,28 +227,15 @@ class Trainer:
     def _resume(self, data: CheckpointData) -> None:
         """Apply a checkpoint read by training/checkpoint.read_checkpoint."""
         acc, state = self.accelerator, data.state
-        self._unwrapped().load_state_dict(data.model, strict=True)
-        self.optimizer.load_state_dict(data.optimizer)
-        self.scheduler.load_state_dict(data.scheduler)
-        if self.ema is not None:
-            self.ema.load_state(*data.ema)
-            self.ema.to(acc.device)
-        if data.scaler is not None and acc.scaler is not None:
-            acc.scaler.load_state_dict(data.scaler)
-        if data.rng is not None:
-            set_rng_state(data.rng["tensors"], data.rng["meta"])
+        apply_checkpoint(data, self._unwrapped(), self.optimizer, self.scheduler, self.ema,
+                         acc.scaler, acc.device)
         if (state.get("num_processes"), state.get("batch_size")) != (acc.num_processes,
                                                                      self.cfg.batch_size):
             log.warning("resuming with another process count or batch size: the data position "
                         "of the interrupted epoch and the random states are only approximate")
-        self.step, self.micro_step = state["step"], state["micro_step"]
+        for name, default in PROGRESS.items():
+            setattr(self, name, state.get(name, default))
         self._last_saved = self.step
-        self.best_value = state.get("best_value", math.inf)
-        self.best_step, self.bad_evals = state.get("best_step", -1), state.get("bad_evals", 0)
-        self.stopped_early = state.get("stopped_early", False)
-        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
-        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
-        self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
         if self.batches_in_epoch >= len(self.loader):      # saved on the epoch's last batch
             self.epoch, self.batches_in_epoch = self.epoch + 1, 0
         log.info("resumed from %s at step %d (epoch %d, batch %d)", data.path, self.step,
@@ -259,15 +252,10 @@ class Trainer:
 
     def _save(self) -> None:
         self._check_finite_weights("checkpoint")
-        state = {"micro_step": self.micro_step, "epoch": self.epoch,
-                 "batches_in_epoch": self.batches_in_epoch,
+        state = {**{name: getattr(self, name) for name in PROGRESS},
                  "config_hash": config_hash(self.config_dict), "config": self.config_dict,
                  "num_processes": self.accelerator.num_processes,
-                 "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum,
-                 "best_value": self.best_value, "best_step": self.best_step,
-                 "bad_evals": self.bad_evals, "stopped_early": self.stopped_early,
-                 "nonfinite_skipped": self.nonfinite_skipped,
-                 "nonfinite_in_a_row": self.nonfinite_in_a_row}
+                 "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum}
         save_checkpoint(self.accelerator, self.run_dir, self.step, model=self._unwrapped(),
                         optimizer=self.optimizer, scheduler=self.scheduler, ema=self.ema,
                         trainer_state=state, keep=self.cfg.keep_checkpoints)
@@ -346,21 +334,10 @@ class Trainer:
             lambda model: self.method.export(model, self.run_dir / "export", self.config_dict))
 
     def _export_best(self, value: float) -> None:
-        """best/ = the method's export + best.json (step, value), swapped in as a whole: best/
-        is at any moment the previous best, the new one, or (between two renames) absent."""
         self._check_finite_weights("best model")
-        best, new, old = (self.run_dir / BEST_SNAPSHOT, self.run_dir / ".best-new",
-                          self.run_dir / ".best-old")
-        for stale in (new, old):
-            shutil.rmtree(stale, ignore_errors=True)
-        self._with_eval_weights(lambda model: self.method.export(model, new, self.config_dict))
-        atomic_write_text(new / BEST_INFO, json.dumps(
-            {"step": self.step, "value": value, "monitor": self.monitor}) + "\n")
-        if best.exists():
-            os.replace(best, old)
-        os.replace(new, best)
-        fsync_path(self.run_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        export_best(self.run_dir, lambda out: self._with_eval_weights(
+            lambda model: self.method.export(model, out, self.config_dict)),
+            self.step, value, self.monitor)
 
     def _optimizer_step(self, window_bad: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """Step (True) unless this step's loss or gradient norm is non-finite on any process;

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Optional
 
 from ddpm_landmarks.errors import ConfigError
+from ddpm_landmarks.training.best_model import restore_best
 from ddpm_landmarks.training.checkpoint import (
-    BEST_SNAPSHOT,
     CheckpointData,
     CheckpointError,
     explicit_checkpoint,
@@ -45,13 +45,12 @@ from ddpm_landmarks.training.checkpoint import (
     list_checkpoints,
     read_checkpoint,
 )
-from ddpm_landmarks.utils.atomic import atomic_directory, atomic_write_text
+from ddpm_landmarks.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
-BEST_INFO = "best.json"          # inside best/: the step and value it was saved at
 # Config keys (dotted prefixes) a resumed run may change.
 RESUMABLE_CHANGES = ("train.max_steps", "train.resume", "train.log_every", "train.image_every",
                      "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -255,32 +254,3 @@ def truncate_metrics(path: Path, step: int) -> None:
         if isinstance(row, dict) and int(row.get("step", 0)) <= step:
             kept.append(line)
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-
-
-def restore_best(run_dir: Path, data: CheckpointData) -> None:
-    """best/ as the checkpoint knew it: its snapshot when best/ says another step, none when
-    the checkpoint had no best yet."""
-    best = Path(run_dir) / BEST_SNAPSHOT
-    step = int(data.state.get("best_step", -1))
-    info = best / BEST_INFO
-    current = json.loads(info.read_text()).get("step") if info.is_file() else None
-    if step < 0:
-        if best.exists():
-            shutil.rmtree(best)
-            log.info("removed %s: saved after the checkpoint being resumed", best)
-        return
-    if current == step:
-        return
-    snapshot = data.path / BEST_SNAPSHOT
-    if not snapshot.is_dir():
-        raise ConfigError(f"{data.path}: records a best model at step {step} but holds no "
-                          f"snapshot of it")
-    with atomic_directory(best) as tmp:
-        for item in snapshot.rglob("*"):
-            target = tmp / item.relative_to(snapshot)
-            if item.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(item, target)
-    log.info("best/ restored to the checkpoint's best (step %d)", step)
