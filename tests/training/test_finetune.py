@@ -122,7 +122,7 @@ def test_synthetic_finetune_from_pretraining_reaches_bound(synth_root, pretraine
     overlays = sorted(p.name for p in (run / "eval_test1" / "overlays").iterdir())
     assert len(overlays) == 6 and overlays[0].startswith("best_")
     header = (run / "eval_test1" / "predictions.csv").read_text().splitlines()[0]
-    assert header.endswith(",confidence")
+    assert header.split(",")[9:11] == ["confidence", "uncertainty_peak"]   # + the scores
 
 
 # ----------------------------------------------------------------------------------------------
