@@ -66,69 +66,68 @@ def _wait_for_main(task_file: Path, timeout_s: float = 600.0) -> None:
 
 def classify(cfg: ClassifyConfig) -> dict:
     """Run (or resume) one classification fine-tuning job; returns the engine's summary."""
-    launch = Launch.from_env(cfg)
-    check_run_inputs(cfg)              # every image decodes, landmarks, spacing
+    with Launch.from_env(cfg) as launch:
+        check_run_inputs(cfg)              # every image decodes, landmarks, spacing
 
-    # ------------------------------------------------------------------ labels, split
-    if not launch.is_main and not cfg.labels.file and cfg.data.dataset == "synthetic":
-        from ddpm_landmarks.data.synthetic_classes import marker_task_dir
-        _wait_for_main(marker_task_dir(cfg.data) / "labels.csv")
-    task = load_label_task(cfg.labels, cfg.data)
-    pool = task.split(cfg.data.train_split)
-    # A validation split of the labels replaces the fewshot section's validation draw.
-    fewshot = (dataclasses.replace(cfg.fewshot, val_policy="none") if cfg.labels.val_split
-               else cfg.fewshot)
-    try:
-        split = make_fewshot_split([i.id for i in pool], fewshot)
-    except ValueError as err:
-        raise ConfigError(f"fewshot: {err}") from None
-    if cfg.labels.val_split:
-        split.val_ids = [i.id for i in task.split(cfg.labels.val_split)]
-        split.val_policy = f"labels.val_split={cfg.labels.val_split}"
-        split.val_count = len(split.val_ids)
-        val_images = task.split(cfg.labels.val_split)
-    else:
-        val_images = task.subset(pool, split.val_ids)
-    train_images = task.subset(pool, split.train_ids)
-    task.check_training_classes(train_images, f"split {cfg.data.train_split!r}, "
-                                f"{split.policy}")
-    if launch.folder.resume_from is not None:
-        check_resumed_classes(launch.run_dir, task.classes)
-    train_data = ClassificationImages(train_images, task, cfg.data, cfg.augment, train=True,
-                                      seed=cfg.train.seed + 7919 * launch.rank)
-    counts = {c: train_data.labels.count(j) for j, c in enumerate(task.classes)}
-    val_data = None
-    if val_images:
-        val_data = ClassificationImages(val_images, task, cfg.data, cfg.augment, train=False)
-    elif cfg.train.eval_every:
-        log.warning("no validation images: no validation, no best/ model, no early stopping")
+        # ------------------------------------------------------------------ labels, split
+        if not launch.is_main and not cfg.labels.file and cfg.data.dataset == "synthetic":
+            from ddpm_landmarks.data.synthetic_classes import marker_task_dir
+            _wait_for_main(marker_task_dir(cfg.data) / "labels.csv")
+        task = load_label_task(cfg.labels, cfg.data)
+        pool = task.split(cfg.data.train_split)
+        # A validation split of the labels replaces the fewshot section's validation draw.
+        fewshot = (dataclasses.replace(cfg.fewshot, val_policy="none") if cfg.labels.val_split
+                   else cfg.fewshot)
+        try:
+            split = make_fewshot_split([i.id for i in pool], fewshot)
+        except ValueError as err:
+            raise ConfigError(f"fewshot: {err}") from None
+        if cfg.labels.val_split:
+            split.val_ids = [i.id for i in task.split(cfg.labels.val_split)]
+            split.val_policy = f"labels.val_split={cfg.labels.val_split}"
+            split.val_count = len(split.val_ids)
+            val_images = task.split(cfg.labels.val_split)
+        else:
+            val_images = task.subset(pool, split.val_ids)
+        train_images = task.subset(pool, split.train_ids)
+        task.check_training_classes(train_images, f"split {cfg.data.train_split!r}, "
+                                    f"{split.policy}")
+        if launch.folder.resume_from is not None:
+            check_resumed_classes(launch.run_dir, task.classes)
+        train_data = ClassificationImages(train_images, task, cfg.data, cfg.augment, train=True,
+                                          seed=cfg.train.seed + 7919 * launch.rank)
+        counts = {c: train_data.labels.count(j) for j, c in enumerate(task.classes)}
+        val_data = None
+        if val_images:
+            val_data = ClassificationImages(val_images, task, cfg.data, cfg.augment, train=False)
+        elif cfg.train.eval_every:
+            log.warning("no validation images: no validation, no best/ model, no early stopping")
 
-    # ------------------------------------------------------------------ model
-    set_seed(cfg.train.seed)           # identical initial head on every process
-    try:
-        model = build_classifier(cfg.model, len(task.classes), cfg.data.image_size)
-        weights = class_weights(cfg.loss.class_weights, train_data.labels, len(task.classes))
-        method = ClassificationMethod(model, task.classes, weights, cfg.loss.label_smoothing)
-        validate = (classification_validator(val_data, method, cfg.eval.batch_size,
-                                             cfg.eval.monitor)
-                    if val_data is not None and cfg.train.eval_every else None)
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(f"model: {err}") from None
-    head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
-    groups = param_groups(model, body_lr=cfg.optim.lr, head_lr=head_lr,
-                          weight_decay=cfg.optim.weight_decay)
+        # ------------------------------------------------------------------ model
+        set_seed(cfg.train.seed)           # identical initial head on every process
+        try:
+            model = build_classifier(cfg.model, len(task.classes), cfg.data.image_size)
+            weights = class_weights(cfg.loss.class_weights, train_data.labels, len(task.classes))
+            method = ClassificationMethod(model, task.classes, weights, cfg.loss.label_smoothing)
+            validate = (classification_validator(val_data, method, cfg.eval.batch_size,
+                                                 cfg.eval.monitor)
+                        if val_data is not None and cfg.train.eval_every else None)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"model: {err}") from None
+        head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
+        groups = param_groups(model, body_lr=cfg.optim.lr, head_lr=head_lr,
+                              weight_decay=cfg.optim.weight_decay)
 
-    # ------------------------------------------------------------------ train
-    classes = json.dumps({"classes": task.classes, "train_counts": counts,
-                          "label_file": str(task.source), "task": task.name}, indent=2) + "\n"
-    launch.write_run_folder(cfg, {**split_files(split), CLASSES_FILE: classes})
-    log.info("%s: classes %s, training images per class %s, %d validation images", task.name,
-             task.classes, counts, len(val_images))
-    trainer = make_trainer(method, repeated_to_fill(train_data, cfg.train.batch_size, launch),
-                           cfg, launch, param_groups=groups, validate=validate,
-                           monitor=MONITOR_KEYS[cfg.eval.monitor])
-    summary = trainer.fit()
-    launch.release()
+        # ------------------------------------------------------------------ train
+        classes = json.dumps({"classes": task.classes, "train_counts": counts,
+                              "label_file": str(task.source), "task": task.name}, indent=2) + "\n"
+        launch.write_run_folder(cfg, {**split_files(split), CLASSES_FILE: classes})
+        log.info("%s: classes %s, training images per class %s, %d validation images", task.name,
+                 task.classes, counts, len(val_images))
+        trainer = make_trainer(method, repeated_to_fill(train_data, cfg.train.batch_size, launch),
+                               cfg, launch, param_groups=groups, validate=validate,
+                               monitor=MONITOR_KEYS[cfg.eval.monitor])
+        summary = trainer.fit()
     if launch.is_main:
         best = summary["best"]
         log.info("done: step %d, loss %.4f%s; models in %s", summary["step"], summary["loss"],

@@ -60,49 +60,49 @@ def check_resumed_landmarks(data: CheckpointData, num_landmarks: int) -> None:
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run (or resume) one fine-tuning job; returns the engine's summary."""
-    launch = Launch.from_env(cfg)
-    check_run_inputs(cfg)              # every image decodes, landmarks, spacing
+    with Launch.from_env(cfg) as launch:
+        check_run_inputs(cfg)              # every image decodes, landmarks, spacing
 
-    # ------------------------------------------------------------------ data
-    dataset = build_dataset(cfg.data)
-    pool = dataset.split(cfg.data.train_split)
-    try:
-        split = make_fewshot_split(pool.ids, cfg.fewshot)
-    except ValueError as err:
-        raise ConfigError(f"fewshot: {err}") from None
-    train_data = HeatmapDataset(pool.subset(split.train_ids), cfg.data, cfg.augment, cfg.heatmap,
-                                train=True, seed=cfg.train.seed + 7919 * launch.rank)
-    val_data = None
-    if split.val_ids:
-        val_data = HeatmapDataset(pool.subset(split.val_ids), cfg.data, cfg.augment, cfg.heatmap,
-                                  train=False)
-    elif cfg.train.eval_every:
-        log.warning("no validation images (fewshot.val_policy=%s): no validation, no best/ "
-                    "model, no early stopping", cfg.fewshot.val_policy)
+        # ------------------------------------------------------------------ data
+        dataset = build_dataset(cfg.data)
+        pool = dataset.split(cfg.data.train_split)
+        try:
+            split = make_fewshot_split(pool.ids, cfg.fewshot)
+        except ValueError as err:
+            raise ConfigError(f"fewshot: {err}") from None
+        train_data = HeatmapDataset(pool.subset(split.train_ids), cfg.data, cfg.augment,
+                                    cfg.heatmap, train=True,
+                                    seed=cfg.train.seed + 7919 * launch.rank)
+        val_data = None
+        if split.val_ids:
+            val_data = HeatmapDataset(pool.subset(split.val_ids), cfg.data, cfg.augment,
+                                      cfg.heatmap, train=False)
+        elif cfg.train.eval_every:
+            log.warning("no validation images (fewshot.val_policy=%s): no validation, no best/ "
+                        "model, no early stopping", cfg.fewshot.val_policy)
 
-    # ------------------------------------------------------------------ model
-    set_seed(cfg.train.seed)           # identical initial head on every process
-    try:
-        model = build_regressor(cfg.model, dataset.num_landmarks, cfg.data.image_size)
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(f"model: {err}") from None
-    head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
-    groups = param_groups(model, body_lr=cfg.optim.lr, head_lr=head_lr,
-                          weight_decay=cfg.optim.weight_decay)
-    method = HeatmapRegressionMethod(model, cfg.loss, cfg.heatmap)
-    if launch.folder.resume_from is not None:
-        check_resumed_landmarks(launch.folder.resume_from, dataset.num_landmarks)
+        # ------------------------------------------------------------------ model
+        set_seed(cfg.train.seed)           # identical initial head on every process
+        try:
+            model = build_regressor(cfg.model, dataset.num_landmarks, cfg.data.image_size)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"model: {err}") from None
+        head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
+        groups = param_groups(model, body_lr=cfg.optim.lr, head_lr=head_lr,
+                              weight_decay=cfg.optim.weight_decay)
+        method = HeatmapRegressionMethod(model, cfg.loss, cfg.heatmap)
+        if launch.folder.resume_from is not None:
+            check_resumed_landmarks(launch.folder.resume_from, dataset.num_landmarks)
 
-    # ------------------------------------------------------------------ train
-    # Only now, with data, split and model checked: a refused run leaves the folder untouched.
-    launch.write_run_folder(cfg, split_files(split))
-    log.info("few-shot split: %s", split.policy)
-    validate = landmark_validator(val_data, cfg) if val_data is not None else None
-    trainer = make_trainer(method, repeated_to_fill(train_data, cfg.train.batch_size, launch),
-                           cfg, launch, param_groups=groups,
-                           validate=validate if cfg.train.eval_every else None)
-    summary = trainer.fit()
-    launch.release()
+        # ------------------------------------------------------------------ train
+        # Only now, with data, split and model checked: a refused run leaves the folder untouched.
+        launch.write_run_folder(cfg, split_files(split))
+        log.info("few-shot split: %s", split.policy)
+        validate = landmark_validator(val_data, cfg) if val_data is not None else None
+        trainer = make_trainer(method, repeated_to_fill(train_data, cfg.train.batch_size, launch),
+                               cfg, launch, param_groups=groups,
+                               validate=validate if cfg.train.eval_every else None)
+        summary = trainer.fit()
     if launch.is_main:
         best = summary["best"]
         log.info("done: step %d, loss %.4f%s; models in %s", summary["step"], summary["loss"],

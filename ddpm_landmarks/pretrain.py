@@ -52,37 +52,36 @@ def pretrain(cfg: PretrainConfig, method_name: Optional[str] = None) -> dict:
     cfg = resolve_method(cfg, method_name)
     check_probe_config(cfg)
     check_stage_resolutions(cfg)
-    launch = Launch.from_env(cfg)
-    check_run_inputs(cfg)              # every image decodes, landmarks, spacing
+    with Launch.from_env(cfg) as launch:
+        check_run_inputs(cfg)              # every image decodes, landmarks, spacing
 
-    # ------------------------------------------------------------------ data
-    # Every process builds the same image list (pools are sorted; exclusions are exact).
-    # SSL methods: the same pools, as two augmented views per image (data/ssl_views.py).
-    views = cfg.ssl.views if cfg.method in SSL_METHODS else None
-    data = pretraining_data(cfg, seed=cfg.train.seed + launch.rank, views=views)
-    if len(data.dataset) < cfg.train.batch_size * launch.world_size:
-        raise DataError(f"{len(data.dataset)} pretraining images cannot fill one batch of "
-                        f"train.batch_size={cfg.train.batch_size} on {launch.world_size} "
-                        f"process(es)")
+        # ------------------------------------------------------------------ data
+        # Every process builds the same image list (pools are sorted; exclusions are exact).
+        # SSL methods: the same pools, as two augmented views per image (data/ssl_views.py).
+        views = cfg.ssl.views if cfg.method in SSL_METHODS else None
+        data = pretraining_data(cfg, seed=cfg.train.seed + launch.rank, views=views)
+        if len(data.dataset) < cfg.train.batch_size * launch.world_size:
+            raise DataError(f"{len(data.dataset)} pretraining images cannot fill one batch of "
+                            f"train.batch_size={cfg.train.batch_size} on {launch.world_size} "
+                            f"process(es)")
 
-    # ------------------------------------------------------------------ method
-    # Same seed on every process: identical initial weights (DDP would broadcast rank 0's
-    # anyway) and a run that reproduces from its config.
-    set_seed(cfg.train.seed)
-    try:
-        method = PRETRAINING_METHODS[cfg.method](cfg)
-    except ValueError as err:          # unknown preset, resolution the U-Net cannot take,
-        # a MoCo queue that is not a multiple of the global batch, ...
-        raise ConfigError(str(err)) from None
-    method.check_data(data.num_images)
-    validate, train_cfg = build_probe(cfg, method, launch)
+        # ------------------------------------------------------------------ method
+        # Same seed on every process: identical initial weights (DDP would broadcast rank 0's
+        # anyway) and a run that reproduces from its config.
+        set_seed(cfg.train.seed)
+        try:
+            method = PRETRAINING_METHODS[cfg.method](cfg)
+        except ValueError as err:          # unknown preset, resolution the U-Net cannot take,
+            # a MoCo queue that is not a multiple of the global batch, ...
+            raise ConfigError(str(err)) from None
+        method.check_data(data.num_images)
+        validate, train_cfg = build_probe(cfg, method, launch)
 
-    # ------------------------------------------------------------------ train
-    launch.write_run_folder(cfg, data.audit_files)
-    trainer = make_trainer(method, data.dataset, cfg, launch, train_cfg=train_cfg,
-                           validate=validate, monitor=PROBE_MONITOR, sampler=data.sampler)
-    summary = trainer.fit()
-    launch.release()
+        # ------------------------------------------------------------------ train
+        launch.write_run_folder(cfg, data.audit_files)
+        trainer = make_trainer(method, data.dataset, cfg, launch, train_cfg=train_cfg,
+                               validate=validate, monitor=PROBE_MONITOR, sampler=data.sampler)
+        summary = trainer.fit()
     if launch.is_main:
         log.info("done: step %d, loss %.4f, %.1f images/s; export in %s", summary["step"],
                  summary["loss"], summary["images_per_s"], launch.run_dir / "export")

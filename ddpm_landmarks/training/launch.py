@@ -84,6 +84,12 @@ class Launch:
         """The run is over: give the run folder's lock up."""
         self.folder.release()
 
+    def __enter__(self) -> "Launch":
+        return self
+
+    def __exit__(self, *exc) -> None:  # finished or refused: the lock goes either way
+        self.release()
+
     def wandb_run_id(self) -> str:
         """The W&B run id of this run folder: kept across resumes, new for a fresh run."""
         path = self.run_dir / WANDB_RUN_FILE

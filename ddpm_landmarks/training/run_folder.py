@@ -118,11 +118,22 @@ class RunFolder:
             restore_best(self.run_dir, self.resume_from)
 
     def release(self) -> None:
-        """Give the folder up (the process's exit does it too)."""
+        """Give the folder up (the process's exit does it too). A run refused after the claim
+        (bad data, a missing export) wrote nothing but the lock: the folder goes again."""
         if self._lock is not None:
             _HELD.pop(self.run_dir.resolve(), None)
             self._lock.close()
             self._lock = None
+            _remove_if_unused(self.run_dir)
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    try:
+        if not _contents(run_dir):
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            run_dir.rmdir()
+    except OSError:                    # another process got there first: leave it be
+        pass
 
 
 # Locks this process holds, by run folder: a later run of the same process in the same folder
@@ -167,6 +178,7 @@ def claim_run_folder(run_dir: Path, config_dict: dict, resume: str, overwrite: b
         if lock is not None:
             _HELD.pop(run_dir.resolve(), None)
             lock.close()
+            _remove_if_unused(run_dir)
         raise
     folder._lock = lock
     return folder

@@ -242,11 +242,16 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path, synth_root, cap
     rc = cli_main(["grid", str(path)])
     assert rc == 1                                   # a failed cell makes the exit status 1
     cells = tmp_path / "runs" / "g" / "cells"
-    broken = json.loads((cells / "synthetic-broken-N4-s0" / "cell.json").read_text())
+
+    def cell(name):                                  # folders are <name>-<config hash>
+        (folder,) = cells.glob(f"{name}-????????")
+        return json.loads((folder / "cell.json").read_text())
+
+    broken = cell("synthetic-broken-N4-s0")
     assert broken["status"] == "failed"
     assert str(missing) in broken["error"]
-    assert json.loads((cells / "synthetic-scratch-N4-s0" / "cell.json").read_text())["status"] == "done"
-    mean = json.loads((cells / "synthetic-mean_shape-N4-s0" / "cell.json").read_text())
+    assert cell("synthetic-scratch-N4-s0")["status"] == "done"
+    mean = cell("synthetic-mean_shape-N4-s0")
     assert mean["status"] == "done" and mean["metrics"]["mre"] > 0
     assert mean["train_images"] == 4
     report = (tmp_path / "runs" / "g" / "report" / "cells.csv").read_text()
