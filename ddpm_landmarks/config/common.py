@@ -21,6 +21,10 @@ class DataConfig:
     resize_mode: Literal["stretch", "letterbox"] = "stretch"  # stretch = the paper
     num_landmarks: Optional[int] = None  # None = the dataset's own count; else checked
     on_bad_sample: Literal["error", "skip"] = "error"  # skip = count and log, never silent
+    # How gray levels become the [-1, 1] network input (data/intensity.py, to_model_input):
+    # fixed = the file's container range (ours); minmax = per-image min-max of the model-grid
+    # image (the released code's albumentations Normalize(normalization="min_max")).
+    intensity_norm: Literal["fixed", "minmax"] = "fixed"
     # Digital Hand Atlas: the two landmarks whose distance is 50 mm (0-based indices; Payer's
     # normalization_indizes=[1, 5], which his .mha ElementSpacing follows).
     wrist_landmarks: tuple[int, int] = (1, 5)

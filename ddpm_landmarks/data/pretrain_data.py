@@ -7,7 +7,9 @@
 (data/pretrain_sets.py builds the right dataset for a pretraining config: these images, the SSL
 methods' two views, or a curriculum.)
 
-Items are float32 tensors (1, S, S) in [-1, 1] (the range DDPM noise schedules assume).
+Items are float32 tensors (1, S, S) in [-1, 1] (the range DDPM noise schedules assume), from
+the [0, 1] image by data.intensity_norm (data/intensity.py: the file's range or per-image
+min-max, after resize and augmentation).
 
 Which images: the kept images of cfg.unlabeled.pools, plus, when cfg.unlabeled.labelled_splits
 is set, the images of those splits of cfg.data.dataset, each split one more pool of weight 1.0
@@ -39,7 +41,7 @@ import torch
 
 from ddpm_landmarks.config.common import AugmentConfig
 from ddpm_landmarks.data.image_io import read_image
-from ddpm_landmarks.data.intensity import random_intensity
+from ddpm_landmarks.data.intensity import random_intensity, to_model_input
 from ddpm_landmarks.data.transforms import (
     original_to_model_matrix,
     random_affine_matrix,
@@ -67,7 +69,8 @@ class PretrainImages(torch.utils.data.Dataset):
     """
 
     def __init__(self, pools: MixedPools, image_size: int, resize_mode: str = "stretch",
-                 augment: Optional[AugmentConfig] = None, seed: int = 0):
+                 augment: Optional[AugmentConfig] = None, seed: int = 0,
+                 intensity_norm: str = "fixed"):
         if augment is not None and augment.flip_prob > 0:
             raise ConfigError(f"augment.flip_prob={augment.flip_prob}: pretraining never flips "
                               "(anatomy has a side); set augment.flip_prob=0")
@@ -82,6 +85,8 @@ class PretrainImages(torch.utils.data.Dataset):
         self.size = int(image_size)
         self.resize_mode = resize_mode
         self.augment = augment
+        to_model_input(np.zeros((1, 1), np.float32), intensity_norm)   # ValueError if unknown
+        self.intensity_norm = intensity_norm
         self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
@@ -122,7 +127,7 @@ class PretrainImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         image = self.load(int(index))
-        return torch.from_numpy(image * 2.0 - 1.0).unsqueeze(0)
+        return torch.from_numpy(to_model_input(image, self.intensity_norm)).unsqueeze(0)
 
 
 def worker_init_fn(worker_id: int) -> None:

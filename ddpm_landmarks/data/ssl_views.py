@@ -36,6 +36,7 @@ from ddpm_landmarks.data.intensity import (
     adjust_contrast,
     adjust_gamma,
     gaussian_blur,
+    to_model_input,
 )
 from ddpm_landmarks.data.pretrain_data import PretrainImages
 from ddpm_landmarks.data.transforms import (
@@ -138,8 +139,9 @@ class TwoViewImages(PretrainImages):
     the DDPM images (PretrainImages)."""
 
     def __init__(self, pools: MixedPools, image_size: int, views, resize_mode: str = "stretch",
-                 seed: int = 0):
-        super().__init__(pools, image_size, resize_mode, augment=None, seed=seed)
+                 seed: int = 0, intensity_norm: str = "fixed"):
+        super().__init__(pools, image_size, resize_mode, augment=None, seed=seed,
+                         intensity_norm=intensity_norm)
         check_views(views)
         self.views = views
 
@@ -168,5 +170,8 @@ class TwoViewImages(PretrainImages):
         image, matrix = self._base(int(index))
         rng = self._current_rng()
         one, two = self.view(image, matrix, rng), self.view(image, matrix, rng)
-        return {"view1": torch.from_numpy(one * 2.0 - 1.0).unsqueeze(0),
-                "view2": torch.from_numpy(two * 2.0 - 1.0).unsqueeze(0)}
+        return {"view1": self.as_tensor(one), "view2": self.as_tensor(two)}
+
+    def as_tensor(self, view: np.ndarray) -> torch.Tensor:
+        """(S, S) [0, 1] view -> (1, S, S) network input in [-1, 1] (data.intensity_norm)."""
+        return torch.from_numpy(to_model_input(view, self.intensity_norm)).unsqueeze(0)

@@ -78,10 +78,10 @@ def evaluate_run(run: TrainedRun, split: Optional[str] = None,
     cfg = run.cfg
     split = split or cfg.data.eval_split
     dataset = build_dataset(cfg.data)
-    if split not in dataset.splits:
+    if split not in dataset.splits and split not in dataset.derived_splits:
         raise ConfigError(f"split {split!r} not in {dataset.name}; its splits: "
                           f"{', '.join(dataset.splits)}")
-    test = dataset.split(split)
+    test = dataset.split(split)         # a derived split this copy lacks: DataError saying why
     check_landmark_count(run, test)
     tta = cfg.eval.flip_tta if flip_tta is None else flip_tta
     data = HeatmapDataset(test, cfg.data, cfg.augment, cfg.heatmap, train=False)
