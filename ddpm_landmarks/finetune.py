@@ -24,7 +24,7 @@ from safetensors import safe_open
 from ddpm_landmarks.config.finetune import FinetuneConfig
 from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
 from ddpm_landmarks.data.registry import build_dataset
-from ddpm_landmarks.data.splits import make_fewshot_split, split_files
+from ddpm_landmarks.data.splits import dataset_fewshot_split, split_files
 from ddpm_landmarks.errors import ConfigError
 from ddpm_landmarks.methods.heatmap_regression import HeatmapRegressionMethod
 from ddpm_landmarks.models.registry import build_regressor
@@ -67,17 +67,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     # ------------------------------------------------------------------ data
     dataset = build_dataset(cfg.data)
-    pool = dataset.split(cfg.data.train_split)
     try:
-        split = make_fewshot_split(pool.ids, cfg.fewshot)
+        split, pool, val_pool = dataset_fewshot_split(dataset, cfg.data.train_split, cfg.fewshot)
     except ValueError as err:
         raise ConfigError(f"fewshot: {err}") from None
     train_data = HeatmapDataset(pool.subset(split.train_ids), cfg.data, cfg.augment, cfg.heatmap,
                                 train=True, seed=cfg.train.seed + 7919 * launch.rank)
     val_data = None
     if split.val_ids:
-        val_data = HeatmapDataset(pool.subset(split.val_ids), cfg.data, cfg.augment, cfg.heatmap,
-                                  train=False)
+        val_data = HeatmapDataset(val_pool.subset(split.val_ids), cfg.data, cfg.augment,
+                                  cfg.heatmap, train=False)
     elif cfg.train.eval_every:
         log.warning("no validation images (fewshot.val_policy=%s): no validation, no best/ "
                     "model, no early stopping", cfg.fewshot.val_policy)

@@ -61,8 +61,11 @@ class FewShotConfig:
     draw: int = 0                       # which draw of N (several draws per N)
     seed: int = 0                       # base seed of the draws
     policy: Literal["random", "first_n"] = "random"  # first_n = the original code, for comparison
-    val_policy: Literal["fixed_count", "within_budget", "none"] = "fixed_count"
+    # split: the images of the named split `val_split` (e.g. the released code's fixed
+    # validation sets, released_val: 20 / 59 / 34 images for ISBI / hand / chest).
+    val_policy: Literal["fixed_count", "within_budget", "split", "none"] = "fixed_count"
     val_count: int = 10                 # fixed_count: from the rest of the pool; within_budget: of N
+    val_split: str = ""                 # val_policy=split: a split of data.dataset
 
 
 @dataclass
