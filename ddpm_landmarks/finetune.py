@@ -21,7 +21,7 @@ import numpy as np
 from accelerate.utils import set_seed
 from safetensors import safe_open
 
-from ddpm_landmarks.config.finetune import FinetuneConfig
+from ddpm_landmarks.config.finetune import FinetuneConfig, resolve_epochs
 from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
 from ddpm_landmarks.data.registry import build_dataset
 from ddpm_landmarks.data.splits import dataset_fewshot_split, split_files
@@ -71,6 +71,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
         split, pool, val_pool = dataset_fewshot_split(dataset, cfg.data.train_split, cfg.fewshot)
     except ValueError as err:
         raise ConfigError(f"fewshot: {err}") from None
+    try:                               # epochs.max: counted in epochs of these N images
+        cfg = resolve_epochs(cfg, len(split.train_ids), launch.world_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     train_data = HeatmapDataset(pool.subset(split.train_ids), cfg.data, cfg.augment, cfg.heatmap,
                                 train=True, seed=cfg.train.seed + 7919 * launch.rank)
     val_data = None

@@ -5,6 +5,7 @@ optimiser, engine and logger sections.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -95,6 +96,53 @@ class FinetuneOptimConfig(OptimConfig):
     plateau_patience: int = 3
 
 
+@dataclass
+class EpochsConfig:
+    """Fine-tuning counted in epochs of the labelled images, as the released code counts it (at
+    most 200 epochs; validation, the plateau schedule and early stopping once per epoch).
+    The engine counts optimiser steps: resolve_epochs turns these into train.max_steps and
+    train.eval_every for the run's number of images before training (config.yaml records
+    both). Plateau and early-stopping patience count validations, i.e. epochs here."""
+    max: Optional[int] = None           # None: train.max_steps / train.eval_every as given
+    eval_every: int = 1                 # validate every this many epochs
+
+
+def steps_per_epoch(num_images: int, batch_size: int, grad_accum: int,
+                    num_processes: int = 1) -> int:
+    """Optimiser steps in one epoch of `num_images` labelled images, as the engine runs it:
+    the images repeated to fill one batch per process (launch.repeated_to_fill), whole batches
+    only (drop_last), each process its share of them, and a step every grad_accum batches plus
+    one at the epoch's end for a remainder (accelerate syncs at the end of the loader).
+    The released code (batch 2, accumulation 8, drop_last=False) makes ceil(ceil(N / 2) / 8)
+    steps: the same for N = 1, 5, 10, 25, 50, 130, 195, 550 (tests/config)."""
+    if min(num_images, batch_size, grad_accum, num_processes) < 1:
+        raise ValueError(f"steps_per_epoch needs positive counts, got images={num_images}, "
+                         f"batch={batch_size}, accumulation={grad_accum}, "
+                         f"processes={num_processes}")
+    global_batch = batch_size * num_processes
+    repeats = max(1, -(-global_batch // num_images))         # ceil
+    batches = (num_images * repeats // batch_size) // num_processes
+    return -(-batches // grad_accum)
+
+
+def resolve_epochs(cfg: "FinetuneConfig", num_images: int, num_processes: int = 1
+                   ) -> "FinetuneConfig":
+    """cfg with train.max_steps = epochs.max x steps_per_epoch and train.eval_every =
+    epochs.eval_every x steps_per_epoch for `num_images` training images; cfg itself when
+    epochs.max is None. ValueError for a non-positive epoch count."""
+    epochs = cfg.epochs
+    if epochs.max is None:
+        return cfg
+    if epochs.max < 1 or epochs.eval_every < 1:
+        raise ValueError(f"epochs.max={epochs.max} and epochs.eval_every={epochs.eval_every} "
+                         f"must be >= 1")
+    per_epoch = steps_per_epoch(num_images, cfg.train.batch_size, cfg.train.grad_accum,
+                                num_processes)
+    train = dataclasses.replace(cfg.train, max_steps=epochs.max * per_epoch,
+                                eval_every=epochs.eval_every * per_epoch)
+    return dataclasses.replace(cfg, train=train)
+
+
 def _finetune_train() -> TrainConfig:
     # Few labelled images: short runs, EMA off by default (best-by-validation instead).
     return TrainConfig(max_steps=1000, batch_size=8, ema=False, ema_decay=0.999,
@@ -113,5 +161,7 @@ class FinetuneConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     train: TrainConfig = field(default_factory=_finetune_train)
+    # Epoch-based schedule (the released code's): resolved into train.max_steps / eval_every.
+    epochs: EpochsConfig = field(default_factory=EpochsConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
