@@ -38,6 +38,10 @@ class RegressorConfig:
     noise_input: bool = False           # needs the exported scheduler (pretrained_path/scheduler)
     freeze: Literal["none", "encoder", "unet"] = "none"
     head: Literal["conv1x1", "small"] = "conv1x1"
+    # DDPM U-Nets: the range the network sees ([-1, 1] images mapped inside the model):
+    # signed = [-1, 1]; unit = [0, 1]; auto = the pretraining's diffusion.image_range (the
+    # export's config; the released U-Net: unit), signed without one. Resolved when built.
+    input_range: Literal["auto", "signed", "unit"] = "auto"
     # smp archs only (models/smp_regressor.py):
     encoder: str = "resnet18"           # smp encoder name (resnet50, densenet161, vgg19, tu-...)
     imagenet_weights: str = ""          # init=imagenet offline: encoder state-dict file / folder

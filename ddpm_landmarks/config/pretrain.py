@@ -33,6 +33,13 @@ class DiffusionConfig:
     beta_end: float = 0.02
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     min_snr_gamma: Optional[float] = None  # None = plain MSE; 5.0 = Hang et al. 2023
+    # Training timesteps are drawn uniformly from {min_timestep, ..., T - 1}; the released
+    # code draws from [1, T) (torch.randint(low=1, high=T)), i.e. min_timestep 1.
+    min_timestep: int = 0
+    # The range the images are diffused in: signed = [-1, 1] (ours, DDPM's usual); unit =
+    # [0, 1] (the released code diffuses its min-max images as they are). Fine-tuning feeds a
+    # regressor of this export the same range (models/regressor.py, model.input_range).
+    image_range: Literal["signed", "unit"] = "signed"
     sample_steps: int = 25              # DDIM steps for the logged sample grid
     num_samples: int = 8                # images in the logged grids
 

@@ -26,6 +26,7 @@ the target's. `model.input_norm` must stay `auto` (the normalisation is part of 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from diffusers import UNet2DModel
@@ -52,6 +53,8 @@ def build_from_regressor(cfg, num_landmarks: int, image_size: int) -> nn.Module:
                          f"normalisation comes with the source's weights; leave it at auto")
     state = load_file(str(Path(where) / FORMAT.weights_file), device="cpu")
     if cfg.arch == "ddpm_unet":
+        if cfg.input_range == "auto":            # the range the source's body was trained on
+            cfg = dataclasses.replace(cfg, input_range=source.input_range)
         model = _ddpm_target(cfg, meta, state, num_landmarks, image_size, where)
     else:
         check_config(cfg, image_size)
