@@ -48,10 +48,10 @@ def check_checkpoint_landmarks(ckpt: Path, num_landmarks: int) -> None:
         return
     with safe_open(str(weights), framework="pt") as fh:
         # conv1x1 head: unet.conv_out.bias; small head: unet.conv_out.{0,1,3}.bias (last = 3);
-        # smp baselines: net.segmentation_head.0.bias.
-        heads = sorted(k for k in fh.keys() if k.startswith(("unet.conv_out.",
-                                                              "net.segmentation_head.")) and
-                       k.endswith("bias"))
+        # smp baselines: net.segmentation_head.0.bias; the released U-Net: unet.final_conv.
+        heads = sorted(k for k in fh.keys() if k.startswith((
+            "unet.conv_out.", "net.segmentation_head.", "unet.final_conv.")) and
+            k.endswith("bias"))
         if not heads:
             raise ConfigError(f"{ckpt} is not a fine-tuning checkpoint (no heatmap head)")
         found = fh.get_slice(heads[-1]).get_shape()[0]

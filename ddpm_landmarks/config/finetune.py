@@ -22,13 +22,32 @@ from ddpm_landmarks.config.training import LoggerConfig, OptimConfig, TrainConfi
 
 
 @dataclass
+class ReleasedUnetConfig:
+    """The released code's U-Net (models/released_unet.py) as its checkpoints were trained:
+    Unet(dim=256, dim_mults=(1, 2, 4, 8), self_condition=True, resnet_block_groups=4,
+    att_heads=4, att_res=32). Other values are for tests and CPU runs only."""
+    dim: int = 256                      # base width (the released code ties it to the image size)
+    dim_mults: tuple[int, ...] = (1, 2, 4, 8)
+    channels: int = 1
+    self_condition: bool = True         # a zero channel next to the image, as released
+    resnet_block_groups: int = 4        # GroupNorm groups (the released config's "res_blocks")
+    att_heads: int = 4
+    att_dim_head: int = 32              # width of a head (the released config's "attn_res")
+    gradient_checkpointing: bool = False  # released: on; recomputes activations (memory only)
+
+
+@dataclass
 class RegressorConfig:
-    # ddpm_unet: the DDPM U-Net of this module; smp_unet / smp_unetplusplus: smp baselines
-    arch: Literal["ddpm_unet", "smp_unet", "smp_unetplusplus"] = "ddpm_unet"
+    # ddpm_unet: the DDPM U-Net of this module; smp_unet / smp_unetplusplus: smp baselines;
+    # released_unet: the released code's U-Net (models/released_unet.py, section `released`)
+    arch: Literal["ddpm_unet", "smp_unet", "smp_unetplusplus", "released_unet"] = "ddpm_unet"
     # pretrained: pretrained_path (DDPM export, or an SSL encoder export for smp archs);
     # scratch: random init; imagenet: smp archs only (imagenet_weights, else smp's download);
-    # regressor: the body of a landmark regressor of another dataset (models/transfer_init.py)
-    init: Literal["pretrained", "scratch", "imagenet", "regressor"] = "pretrained"
+    # regressor: the body of a landmark regressor of another dataset (models/transfer_init.py);
+    # released_ddpm: the authors' DDPM checkpoint file (arch released_unet); released_ssl: the
+    # authors' SSL backbone file (smp archs, densenet161); models/released_weights.py
+    init: Literal["pretrained", "scratch", "imagenet", "regressor", "released_ddpm",
+                  "released_ssl"] = "pretrained"
     # a pretraining run's export/ folder, or for init=regressor a fine-tuning run's best/ or
     # export/ ("" = none: scratch only)
     pretrained_path: str = ""
@@ -42,15 +61,19 @@ class RegressorConfig:
     # signed = [-1, 1]; unit = [0, 1]; auto = the pretraining's diffusion.image_range (the
     # export's config; the released U-Net: unit), signed without one. Resolved when built.
     input_range: Literal["auto", "signed", "unit"] = "auto"
+    released: ReleasedUnetConfig = field(default_factory=ReleasedUnetConfig)  # arch released_unet
     # smp archs only (models/smp_regressor.py):
     encoder: str = "resnet18"           # smp encoder name (resnet50, densenet161, vgg19, tu-...)
     imagenet_weights: str = ""          # init=imagenet offline: encoder state-dict file / folder
     gray_adapter: Literal["repeat", "in_channels", "colorize"] = "repeat"
-    input_norm: Literal["auto", "imagenet", "none"] = "auto"   # encoder input normalisation
+    # encoder input normalisation; unit = the [0, 1] image without mean / std (the released
+    # code's ImageNet and SSL baselines)
+    input_norm: Literal["auto", "imagenet", "none", "unit"] = "auto"
 
 
 # Fields of RegressorConfig that change the body's parameters, per source arch.
 BODY_FIELDS = {"ddpm_unet": ("arch", "timestep_mode"),
+               "released_unet": ("arch", "timestep_mode"),     # + `released`: the source's
                "smp_unet": ("arch", "encoder", "gray_adapter"),
                "smp_unetplusplus": ("arch", "encoder", "gray_adapter")}
 def check_same_body(target, source, where: str) -> None:

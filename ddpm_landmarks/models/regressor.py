@@ -77,7 +77,7 @@ class _NoTimeEmbedding(nn.Module):
         return None
 
 
-def _make_head(kind: str, channels: int, num_landmarks: int, groups: int) -> nn.Module:
+def make_head(kind: str, channels: int, num_landmarks: int, groups: int) -> nn.Module:
     last = nn.Conv2d(channels, num_landmarks, kernel_size=1)
     nn.init.normal_(last.weight, std=HEAD_INIT_STD)
     nn.init.zeros_(last.bias)
@@ -137,7 +137,7 @@ class HeatmapRegressor(nn.Module):
                     raise ValueError(f"cannot drop time conditioning from {type(m).__name__}")
 
         old = unet.conv_out
-        unet.conv_out = _make_head(cfg.head, old.in_channels, num_landmarks, c.norm_num_groups)
+        unet.conv_out = make_head(cfg.head, old.in_channels, num_landmarks, c.norm_num_groups)
         self.unet = unet
 
         if cfg.freeze == "unet":
@@ -242,6 +242,10 @@ def build_ddpm_regressor(cfg: RegressorConfig, num_landmarks: int,
     if cfg.init == "imagenet":
         raise ValueError("init='imagenet' needs an smp encoder: model.arch=smp_unet or "
                          "smp_unetplusplus (the DDPM U-Net has no ImageNet weights)")
+    if cfg.init in ("released_ddpm", "released_ssl"):
+        raise ValueError(f"init='{cfg.init}' needs model.arch=" + (
+            "released_unet (the released checkpoints hold that U-Net, not a UNet2DModel)"
+            if cfg.init == "released_ddpm" else "smp_unet with model.encoder=densenet161"))
     path = Path(cfg.pretrained_path) if cfg.pretrained_path else None
     if cfg.init == "pretrained":
         if path is None:
