@@ -65,11 +65,20 @@ class ViewConfig:
     blur_prob: float = 0.5              # SimCLR / MoCo v2: p = 0.5, sigma 0.1-2.0 px at 224 px
     blur_sigma: tuple[float, float] = (0.1, 2.0)   # in pixels of the model grid
     noise_std: float = 0.01             # additive Gaussian noise (image in [0, 1])
+    # DINO's multi-crop: the two views above at global_size (None = data.image_size; the
+    # released code: 224 from a 256 image), plus local_crops small crops of local_size pixels
+    # from local_crop_scale of the image (DINO: 0.05-0.4; the released code: 6 at 96 px,
+    # 0.05-1). Other methods take local_crops = 0 only.
+    global_size: Optional[int] = None
+    local_crops: int = 0
+    local_size: int = 96
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
 
 
 @dataclass
 class SSLConfig:
-    """Contrastive SSL baselines (methods/simclr.py, moco_v2.py, moco_v3.py) on smp encoders.
+    """SSL baselines (methods/simclr.py, simclr_v2.py, moco_v2.py, moco_v3.py, dino.py) on smp
+    encoders.
 
     Fields left at None take the method's default (SSL_DEFAULTS), filled in by
     resolve_ssl_config before the run's config.yaml is written, so the run records the values.
@@ -78,14 +87,17 @@ class SSLConfig:
     in_channels: int = 1                # 1 = gray x-ray; 3 = the gray image repeated
     proj_dim: Optional[int] = None      # projection output (SimCLR / MoCo v2 128, MoCo v3 256)
     hidden_dim: Optional[int] = None    # MLP hidden width; None: see SSL_DEFAULTS
-    proj_layers: int = 2                # projection MLP depth (MoCo v3's ViT recipe uses 3)
-    temperature: Optional[float] = None
+    proj_layers: Optional[int] = None   # projection MLP depth: 2 (SimCLR, MoCo), 3 (SimCLR v2, DINO)
+    temperature: Optional[float] = None  # DINO: the student's
+    teacher_temperature: Optional[float] = None   # DINO: 0.04 (the released code: 0.5)
+    center_momentum: Optional[float] = None       # DINO: 0.9 (the released code: 0.5)
+    bottleneck_dim: int = 256           # DINO head: hidden -> bottleneck -> L2 -> out
     # MoCo v2 queue (the paper: 65536 of 1.28 M images). A multiple of the global batch, and
     # queue + global batch <= the number of images, else an image's own older key is among its
     # negatives (warned at the start of a run).
     queue_size: int = 1024
-    momentum: Optional[float] = None    # MoCo v2 0.999; MoCo v3 0.99 (start of its cosine)
-    momentum_end: float = 1.0           # MoCo v3: momentum at the last step
+    momentum: Optional[float] = None    # MoCo v2 0.999; MoCo v3 0.99, DINO 0.996 (cosine start)
+    momentum_end: float = 1.0           # MoCo v3, DINO: momentum at the last step
     sync_bn: bool = True                # SimCLR, MoCo v3: SyncBatchNorm across GPU processes
     shuffle_bn: bool = True             # MoCo v2: shuffle keys across processes (shuffling BN)
     views: ViewConfig = field(default_factory=ViewConfig)
@@ -95,10 +107,15 @@ class SSLConfig:
 # (SimCLR and MoCo v2: 2048 = ResNet-50's), "2x encoder" = twice that (MoCo v3: 4096 for
 # ResNet-50's 2048). Published values and our small-batch choices: see each method's docstring.
 SSL_DEFAULTS: dict[str, dict] = {
-    "simclr": {"temperature": 0.5, "proj_dim": 128, "hidden_dim": "encoder"},
-    "moco_v2": {"temperature": 0.2, "proj_dim": 128, "hidden_dim": "encoder", "momentum": 0.999},
+    "simclr": {"temperature": 0.5, "proj_dim": 128, "hidden_dim": "encoder", "proj_layers": 2},
+    "simclr_v2": {"temperature": 0.5, "proj_dim": 128, "hidden_dim": "encoder",
+                  "proj_layers": 3},
+    "moco_v2": {"temperature": 0.2, "proj_dim": 128, "hidden_dim": "encoder", "momentum": 0.999,
+                "proj_layers": 2},
     "moco_v3": {"temperature": 1.0, "proj_dim": 256, "hidden_dim": "2x encoder",
-                "momentum": 0.99},
+                "momentum": 0.99, "proj_layers": 2},
+    "dino": {"temperature": 0.1, "teacher_temperature": 0.04, "center_momentum": 0.9,
+             "proj_dim": 65536, "hidden_dim": 2048, "momentum": 0.996, "proj_layers": 3},
 }
 
 
@@ -168,7 +185,8 @@ class CurriculumConfig:
 @dataclass
 class PretrainConfig:
     # ddpm = diffusion pretraining of a U-Net (model, diffusion, augment sections);
-    # simclr | moco_v2 | moco_v3 = contrastive pretraining of an smp encoder (ssl section).
+    # simclr | simclr_v2 | moco_v2 | moco_v3 | dino = self-supervised pretraining of an smp
+    # encoder (ssl section).
     method: str = "ddpm"
     data: DataConfig = field(default_factory=DataConfig)
     unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)
