@@ -75,6 +75,15 @@ def dino_loss(teacher_out: list[torch.Tensor], student_out: list[torch.Tensor],
 
 
 @torch.no_grad()
+def teacher_entropy(teacher_out: list[torch.Tensor], center: torch.Tensor,
+                    teacher_temperature: float) -> float:
+    """Mean entropy of the teacher's targets (dino_loss minus this = the mean KL, every teacher
+    view being in the same number of pairs)."""
+    p = F.softmax((torch.cat(teacher_out) - center) / teacher_temperature, dim=-1)
+    return float(-(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1).mean())
+
+
+@torch.no_grad()
 def update_center(center: torch.Tensor, teacher_out: list[torch.Tensor],
                   momentum: float) -> torch.Tensor:
     """center * m + (1 - m) * the mean teacher output of this (global) batch, all views."""
@@ -184,7 +193,11 @@ class DINOMethod(ContrastiveMethod):
                 student_out += list(student_local.float().split(b))
             loss = dino_loss(teacher_out, student_out, net.center, self.cfg.teacher_temperature,
                              self.cfg.temperature)
+            entropy = teacher_entropy(teacher_out, net.center, self.cfg.teacher_temperature)
             net.center.copy_(update_center(net.center, [gather_no_grad(t) for t in teacher_out],
                                            self.cfg.center_momentum))
-        return loss, {"loss": loss.item(), "momentum": self.momentum_at(int(net.step.item()) - 1),
+        # The loss also holds the teacher's entropy, which the centering and sharpening move
+        # on their own; what the student learns is the cross-entropy above it (the KL).
+        return loss, {"loss": loss.item(), "kl": loss.item() - entropy,
+                      "momentum": self.momentum_at(int(net.step.item()) - 1),
                       "views": float(len(student_out))}
