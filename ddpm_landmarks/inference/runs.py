@@ -3,6 +3,7 @@
     run = load_trained_run("runs/finetune_synthetic", weights="best", overrides=["decoder.name=argmax"])
     run.cfg, run.model, run.weights_dir
     summary = evaluate_run(run, split="test1")           # files in run_dir/eval_test1/
+    summary = evaluate_run(run, "test1", convention="released")   # eval_test1_released/
 
 The run's own config.yaml is the reference (same data grid, heatmap, loss, decoder); dotted
 overrides change what may differ at test time (decoder, eval.*, data.root, ...).
@@ -24,6 +25,7 @@ from ddpm_landmarks.data.sample import LandmarkDataset
 from ddpm_landmarks.errors import ConfigError, DataError
 from ddpm_landmarks.evaluation.evaluate import (
     evaluate_predictions,
+    evaluate_released,
     ground_truths,
     write_overlays,
 )
@@ -73,8 +75,13 @@ def check_landmark_count(run: TrainedRun, dataset: LandmarkDataset) -> None:
 
 
 def evaluate_run(run: TrainedRun, split: Optional[str] = None,
-                 out_dir: Optional[Path] = None, flip_tta: Optional[bool] = None) -> dict:
-    """Predict a labelled split, map to original pixels, write metrics / CSVs / overlays."""
+                 out_dir: Optional[Path] = None, flip_tta: Optional[bool] = None,
+                 convention: str = "ours") -> dict:
+    """Predict a labelled split, map to original pixels, write metrics / CSVs / overlays.
+    convention="released": the errors as the released code computes them
+    (evaluation/released_convention.py), into eval_<split>_released/."""
+    if convention not in ("ours", "released"):
+        raise ConfigError(f"unknown scoring convention {convention!r}; valid: ours, released")
     cfg = run.cfg
     split = split or cfg.data.eval_split
     dataset = build_dataset(cfg.data)
@@ -88,13 +95,21 @@ def evaluate_run(run: TrainedRun, split: Optional[str] = None,
     predictor = run.predictor(test.flip_permutation, tta)
     indices, points, confidence = predict_dataset(predictor, data, cfg.eval.batch_size)
     truths = ground_truths(test, indices)
-    out_dir = Path(out_dir) if out_dir else run.run_dir / (f"eval_{split}" + ("_tta" if tta else ""))
+    suffix = ("_tta" if tta else "") + ("_released" if convention == "released" else "")
+    out_dir = Path(out_dir) if out_dir else run.run_dir / f"eval_{split}{suffix}"
     extra = {"split": split, "weights": str(run.weights_dir), "flip_tta": tta,
              "decoder": cfg.decoder.name, "images": len(truths)}
-    summary = evaluate_predictions(test, truths, points, cfg.eval, out_dir, extra=extra,
-                                   confidence=confidence)
-    summary["overlays"] = write_overlays(test, truths, points, summary["errors"],
-                                         out_dir / "overlays", count=cfg.eval.overlays)
+    if convention == "released":
+        try:
+            summary = evaluate_released(test, truths, points, out_dir, extra=extra)
+        except ValueError as err:
+            raise ConfigError(f"--convention released: {err}") from None
+        summary["overlays"] = []         # the overlays are drawn in our convention
+    else:
+        summary = evaluate_predictions(test, truths, points, cfg.eval, out_dir, extra=extra,
+                                       confidence=confidence)
+        summary["overlays"] = write_overlays(test, truths, points, summary["errors"],
+                                             out_dir / "overlays", count=cfg.eval.overlays)
     summary.update(out_dir=out_dir, ids=[t.id for t in truths], predictions=points,
                    confidence=confidence, split=split, dataset=test)
     return summary
