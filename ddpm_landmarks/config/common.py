@@ -75,6 +75,11 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.9, 1.1)
     translate: float = 0.05             # fraction of the model grid
     shear_deg: float = 0.0
+    # Share of images that get the random affine (the released code's ShiftScaleRotate: p 0.5),
+    # and what fills the grid outside the image: constant (0, ours) or replicate (the edge
+    # pixels, the released code's cv2.BORDER_REPLICATE).
+    affine_prob: float = 1.0
+    border: Literal["constant", "replicate"] = "constant"
     flip_prob: float = 0.0              # refused unless the dataset has a left/right permutation
     brightness: float = 0.1             # additive, uniform in [-b, b]
     contrast: float = 0.1               # multiplicative around the mean, 1 +/- c

@@ -120,7 +120,8 @@ class PretrainImages(torch.utils.data.Dataset):
         if self.augment is not None:
             matrix = random_affine_matrix(rng, self.augment, self.size) @ matrix
         # One warp for resize + augmentation: a single interpolation, antialiased on shrink.
-        image = warp_image(image, matrix, self.size)
+        image = warp_image(image, matrix, self.size,
+                           self.augment.border if self.augment is not None else "constant")
         if self.augment is not None:
             image = random_intensity(image, rng, self.augment)
         return np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
