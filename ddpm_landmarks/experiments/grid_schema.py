@@ -121,6 +121,19 @@ class GridLoggerConfig:
 
 
 @dataclass
+class CostConfig:
+    """--dry-run's assumptions (experiments/cost.py): GPU hours = FLOPs / (peak x efficiency);
+    a network is timed on this machine only when a step should take <= max_timed_step_s."""
+    gpu: str = "NVIDIA A100"
+    gpu_peak_tflops: float = 156.0      # dense TF32: fp32 runs (cuDNN convolutions use TF32)
+    gpu_peak_tflops_half: float = 312.0  # dense bf16 / fp16
+    # Share of the peak a conv U-Net step reaches (GroupNorm, activations and softmax are
+    # memory-bound and not FLOPs; our CPU benchmark reaches 36-56 % of matmul peak).
+    gpu_efficiency: float = 0.35
+    max_timed_step_s: float = 10.0
+
+
+@dataclass
 class GridConfig:
     name: str = "grid"
     output_dir: str = "runs/grids"
@@ -133,6 +146,7 @@ class GridConfig:
     pretrain_overrides: list[str] = field(default_factory=list)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logger: GridLoggerConfig = field(default_factory=GridLoggerConfig)
+    cost: CostConfig = field(default_factory=CostConfig)      # --dry-run's GPU assumptions
 
     @property
     def grid_dir(self) -> Path:

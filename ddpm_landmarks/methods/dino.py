@@ -80,7 +80,7 @@ def teacher_entropy(teacher_out: list[torch.Tensor], center: torch.Tensor,
     """Mean entropy of the teacher's targets (dino_loss minus this = the mean KL, every teacher
     view being in the same number of pairs)."""
     p = F.softmax((torch.cat(teacher_out) - center) / teacher_temperature, dim=-1)
-    return float(-(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1).mean())
+    return (-(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1).mean()).item()
 
 
 @torch.no_grad()
