@@ -19,12 +19,15 @@ from ddpm_landmarks.data.sample import (
     original_to_stored,
 )
 from ddpm_landmarks.evaluation import visualize
-from ddpm_landmarks.evaluation.released_convention import RELEASED_RADII, released_errors
 from ddpm_landmarks.evaluation.metrics import (
     measurement_scale,
     radial_errors,
     summarize,
     write_results,
+)
+from ddpm_landmarks.evaluation.released_convention import (
+    RELEASED_RADII,
+    released_errors,
 )
 
 

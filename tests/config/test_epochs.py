@@ -6,7 +6,11 @@ import math
 
 import pytest
 
-from ddpm_landmarks.config.finetune import FinetuneConfig, resolve_epochs, steps_per_epoch
+from ddpm_landmarks.config.finetune import (
+    FinetuneConfig,
+    resolve_epochs,
+    steps_per_epoch,
+)
 
 
 def released_steps(n: int, batch: int = 2, accumulation: int = 8) -> int:

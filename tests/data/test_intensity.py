@@ -109,10 +109,11 @@ def test_model_input_fixed_and_minmax_by_hand():
 
 
 def test_heatmap_dataset_minmax_spans_the_whole_range(tmp_path):
+    import cv2
+
     from ddpm_landmarks.config.common import HeatmapConfig
     from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
     from ddpm_landmarks.data.sample import LandmarkDataset, Record
-    import cv2
     path = tmp_path / "a.png"
     cv2.imwrite(str(path), np.repeat(np.array([60, 180], np.uint8), [15, 15])[:, None]
                 .repeat(40, axis=1))                       # top half 60, bottom half 180

@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_landmarks.config.pretrain import PretrainConfig, ViewConfig, resolve_ssl_config
+from ddpm_landmarks.config.pretrain import (
+    PretrainConfig,
+    ViewConfig,
+    resolve_ssl_config,
+)
 from ddpm_landmarks.data.ssl_views import TwoViewImages
 from ddpm_landmarks.data.unlabeled import MixedPools, UnlabeledPool
 from ddpm_landmarks.methods.dino import dino_loss, update_center
