@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNS   ?= runs
 
-.PHONY: install demo test clean bench bench-pretrain bench-finetune
+.PHONY: install demo test clean bench bench-pretrain bench-finetune faults
 
 # pip resolves torch/torchvision from the registry (CUDA builds, which also run on CPU).
 $(STAMP): pyproject.toml
@@ -20,9 +20,9 @@ demo: install
 	$(BIN)/ddpm-landmarks data inspect configs/synthetic.yaml
 	$(BIN)/ddpm-landmarks data preview configs/synthetic.yaml --out $(RUNS)/demo/preview.png
 	$(BIN)/ddpm-landmarks pretrain configs/pretrain/synthetic.yaml run.output_dir=$(RUNS) run.name=demo_pretrain \
-		train.max_steps=200
+		train.max_steps=200 run.overwrite=true
 	$(BIN)/ddpm-landmarks finetune configs/finetune/synthetic.yaml run.output_dir=$(RUNS) run.name=demo_finetune \
-		model.pretrained_path=$(RUNS)/demo_pretrain/export
+		model.pretrained_path=$(RUNS)/demo_pretrain/export run.overwrite=true
 	$(BIN)/ddpm-landmarks evaluate $(RUNS)/demo_finetune --split test1
 	$(BIN)/ddpm-landmarks mean-shape configs/synthetic.yaml run.output_dir=$(RUNS) run.name=demo_mean_shape \
 		data.image_size=64
@@ -40,3 +40,7 @@ bench-finetune: install
 	$(BIN)/python experiments/bench/bench_finetune.py
 
 bench: bench-pretrain bench-finetune
+
+# Kills, NaNs, bad inputs and doubled runners against real training processes (minutes on a CPU).
+faults: install
+	$(BIN)/python experiments/faults/run_faults.py

@@ -32,7 +32,6 @@ from ddpm_landmarks.errors import ConfigError
 from ddpm_landmarks.methods.classification import ClassificationMethod, class_weights
 from ddpm_landmarks.models.classifier import build_classifier
 from ddpm_landmarks.models.regressor import param_groups
-from ddpm_landmarks.training.checkpoint import resolve_resume
 from ddpm_landmarks.training.launch import (
     Launch,
     make_trainer,
@@ -91,7 +90,7 @@ def classify(cfg: ClassifyConfig) -> dict:
     train_images = task.subset(pool, split.train_ids)
     task.check_training_classes(train_images, f"split {cfg.data.train_split!r}, "
                                 f"{split.policy}")
-    if resolve_resume(launch.run_dir, cfg.train.resume) is not None:
+    if launch.folder.resume_from is not None:
         check_resumed_classes(launch.run_dir, task.classes)
     train_data = ClassificationImages(train_images, task, cfg.data, cfg.augment, train=True,
                                       seed=cfg.train.seed + 7919 * launch.rank)
@@ -127,6 +126,7 @@ def classify(cfg: ClassifyConfig) -> dict:
                            cfg, launch, param_groups=groups, validate=validate,
                            monitor=MONITOR_KEYS[cfg.eval.monitor])
     summary = trainer.fit()
+    launch.release()
     if launch.is_main:
         best = summary["best"]
         log.info("done: step %d, loss %.4f%s; models in %s", summary["step"], summary["loss"],

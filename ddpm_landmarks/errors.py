@@ -1,8 +1,8 @@
-"""The two errors every layer raises: a bad config value, bad input data.
+"""The errors the command line reports as one `error: ...` line instead of a traceback.
 
-Both are ValueErrors whose message names the key, file or line at fault; the command line prints
-them as `error: ...` and exits with status 2, before any training step when they come from the
-checks a run makes at start.
+ConfigError and DataError are ValueErrors whose message names the key, file or line at fault
+(exit status 2, before any training step when they come from the checks a run makes at start);
+NonFiniteError stops a training that cannot step past non-finite losses (exit status 1).
 """
 
 
@@ -12,3 +12,7 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Bad input data: the message names the file (and line) at fault."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite losses / gradients / weights it cannot step past."""

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 from accelerate.utils import set_seed
-from safetensors import safe_open
 
 from ddpm_landmarks.config.finetune import FinetuneConfig, resolve_epochs
 from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
@@ -29,7 +27,6 @@ from ddpm_landmarks.errors import ConfigError
 from ddpm_landmarks.methods.heatmap_regression import HeatmapRegressionMethod
 from ddpm_landmarks.models.registry import build_regressor
 from ddpm_landmarks.models.regressor import param_groups
-from ddpm_landmarks.training.checkpoint import resolve_resume
 from ddpm_landmarks.training.launch import (
     Launch,
     make_trainer,
@@ -39,26 +36,6 @@ from ddpm_landmarks.training.launch import (
 from ddpm_landmarks.training.validation import landmark_validator
 
 log = logging.getLogger(__name__)
-
-
-def check_checkpoint_landmarks(ckpt: Path, num_landmarks: int) -> None:
-    """A clear error when a checkpoint's head predicts another number of landmarks."""
-    weights = ckpt / "model.safetensors"
-    if not weights.is_file():
-        return
-    with safe_open(str(weights), framework="pt") as fh:
-        # conv1x1 head: unet.conv_out.bias; small head: unet.conv_out.{0,1,3}.bias (last = 3);
-        # smp baselines: net.segmentation_head.0.bias; the released U-Net: unet.final_conv.
-        heads = sorted(k for k in fh.keys() if k.startswith((
-            "unet.conv_out.", "net.segmentation_head.", "unet.final_conv.")) and
-            k.endswith("bias"))
-        if not heads:
-            raise ConfigError(f"{ckpt} is not a fine-tuning checkpoint (no heatmap head)")
-        found = fh.get_slice(heads[-1]).get_shape()[0]
-    if found != num_landmarks:
-        raise ConfigError(f"checkpoint {ckpt} predicts {found} landmarks but this run's data has "
-                          f"{num_landmarks}; resume only runs of the same dataset "
-                          f"(or start a new run.name)")
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
@@ -95,9 +72,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
     groups = param_groups(model, body_lr=cfg.optim.lr, head_lr=head_lr,
                           weight_decay=cfg.optim.weight_decay)
     method = HeatmapRegressionMethod(model, cfg.loss, cfg.heatmap)
-    ckpt = resolve_resume(launch.run_dir, cfg.train.resume)
-    if ckpt is not None:
-        check_checkpoint_landmarks(ckpt, dataset.num_landmarks)
 
     # ------------------------------------------------------------------ train
     # Only now, with data, split and model checked: a refused run leaves the folder untouched.
@@ -108,6 +82,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                            cfg, launch, param_groups=groups,
                            validate=validate if cfg.train.eval_every else None)
     summary = trainer.fit()
+    launch.release()
     if launch.is_main:
         best = summary["best"]
         log.info("done: step %d, loss %.4f%s; models in %s", summary["step"], summary["loss"],

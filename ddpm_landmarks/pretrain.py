@@ -84,6 +84,7 @@ def pretrain(cfg: PretrainConfig, method_name: Optional[str] = None) -> dict:
     trainer = make_trainer(method, data.dataset, cfg, launch, train_cfg=train_cfg,
                            validate=validate, monitor=PROBE_MONITOR, sampler=data.sampler)
     summary = trainer.fit()
+    launch.release()
     if launch.is_main:
         log.info("done: step %d, loss %.4f, %.1f images/s; export in %s", summary["step"],
                  summary["loss"], summary["images_per_s"], launch.run_dir / "export")

@@ -16,6 +16,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         CELL_STATUS,
         PRETRAIN_STATUS,
         SOURCE_STATUS,
+        GridInterrupted,
         read_status,
         run_grid,
         select_cells,
@@ -39,7 +40,11 @@ def cmd_grid(args: argparse.Namespace) -> int:
         print(format_estimate(plan, estimate(plan, done_cells, done_pre,
                                              done_sources=done_src)))
         return 0
-    outcome = run_grid(grid, only=args.only, report=not args.no_report)
+    try:
+        outcome = run_grid(grid, only=args.only, report=not args.no_report)
+    except GridInterrupted as err:
+        print(f"[grid] {err}", flush=True)
+        return 128 + err.signum          # the shell's convention for a signal
     return 1 if outcome["failed"] else 0
 
 

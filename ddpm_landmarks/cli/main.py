@@ -16,7 +16,7 @@ from ddpm_landmarks.cli import (
     report_command,
     training_commands,
 )
-from ddpm_landmarks.errors import ConfigError, DataError
+from ddpm_landmarks.errors import ConfigError, DataError, NonFiniteError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

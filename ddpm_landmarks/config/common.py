@@ -121,6 +121,9 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
     seed: int = 0
+    # A fresh run (train.resume='') into a folder that holds another run is an error; true
+    # moves the old contents aside (<run>.replaced-<time>) first (training/run_folder.py).
+    overwrite: bool = False
 
 
 @dataclass

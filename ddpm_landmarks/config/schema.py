@@ -208,7 +208,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{where}{err}") from None
 
 
+def config_text(cfg: Any) -> str:
+    """The resolved config as YAML (what config.yaml holds)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML, atomically (it is what reproduces a run)."""
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    return atomic_write_text(Path(path), text)
+    return atomic_write_text(Path(path), config_text(cfg))

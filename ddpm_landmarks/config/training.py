@@ -45,6 +45,9 @@ class TrainConfig:
     # (val MRE on the few-shot validation images); the best weights are kept in run_dir/best.
     eval_every: int = 0                 # 0 = never
     early_stopping_patience: int = 0    # stop after this many evaluations without improvement; 0 = off
+    # Optimiser steps with a non-finite loss or gradient norm are skipped; more than this many
+    # in a row stop the run (training/engine.py).
+    max_nonfinite_steps: int = 10
     seed: int = 0
 
 

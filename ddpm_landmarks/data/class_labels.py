@@ -27,7 +27,7 @@ an empty or duplicated image, an image not found, a split outside the valid name
 without any training image.
 
 Images go through the landmark pipeline with zero landmarks (HeatmapDataset, LandmarkTransform):
-the same resize (stretch / letterbox), augmentation, DICOM reading and worker reseeding as
+the same resize (stretch / letterbox), augmentation, DICOM reading and per-item randomness as
 fine-tuning; a horizontal flip is allowed (there are no landmark labels to swap), so switch it
 off (augment.flip_prob=0) when a label has a side.
 """
@@ -44,6 +44,7 @@ import torch
 from ddpm_landmarks.config.classify import LabelsConfig
 from ddpm_landmarks.config.common import AugmentConfig, DataConfig, HeatmapConfig
 from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
+from ddpm_landmarks.data.randomness import ItemRandomness
 from ddpm_landmarks.data.sample import LandmarkDataset, Record
 from ddpm_landmarks.data.unlabeled import find_images, image_id
 from ddpm_landmarks.errors import DataError
@@ -263,9 +264,10 @@ def load_label_task(cfg: LabelsConfig, data: DataConfig,
     return task
 
 
-class ClassificationImages(torch.utils.data.Dataset):
+class ClassificationImages(ItemRandomness, torch.utils.data.Dataset):
     """Labelled images -> {"image": (1, S, S) float32 in [-1, 1], "label": class index,
-    "index"}; resize and augmentation by the landmark pipeline with zero landmarks."""
+    "index"}; resize and augmentation by the landmark pipeline with zero landmarks, randomness
+    per item (data/randomness.py)."""
 
     def __init__(self, images: Sequence[LabelledImage], task: ClassificationTask,
                  data_cfg: DataConfig, aug_cfg: AugmentConfig, train: bool, seed: int = 0):
@@ -275,8 +277,9 @@ class ClassificationImages(torch.utils.data.Dataset):
                           original_size=i.original_size, split=i.split) for i in self.images]
         # flip_permutation [] (no landmarks to swap) lets augment.flip_prob through.
         dataset = LandmarkDataset(task.name, records, num_landmarks=0, flip_permutation=[])
-        self.inner = HeatmapDataset(dataset, data_cfg, aug_cfg, HeatmapConfig(), train=train,
-                                    seed=seed)
+        self.images_on_grid = HeatmapDataset(dataset, data_cfg, aug_cfg, HeatmapConfig(),
+                                             train=train)
+        self.train, self.seed = train, int(seed)
 
     @property
     def ids(self) -> list[str]:
@@ -286,6 +289,8 @@ class ClassificationImages(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        item = self.inner[int(index)]
-        return {"image": item["image"], "label": torch.tensor(self.labels[index]),
-                "index": int(index)}
+        return self.item(int(index), self.item_rng(index) if self.train else None)
+
+    def item(self, index: int, rng) -> dict:
+        image = self.images_on_grid.item(index, rng)["image"]
+        return {"image": image, "label": torch.tensor(self.labels[index]), "index": int(index)}

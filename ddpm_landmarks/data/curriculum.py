@@ -45,7 +45,6 @@ import bisect
 import dataclasses
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -284,13 +283,9 @@ class CurriculumImages(torch.utils.data.Dataset):
     def __init__(self, curriculum: Curriculum, seed: int = 0):
         self.curriculum = curriculum
         self.datasets = [s.dataset for s in curriculum.stages]
-        self.reseed(seed)
-
-    def reseed(self, seed: int) -> None:
-        """Each stage's augmentation stream from its own seed (stages never replay another's)."""
+        # Each stage's augmentation from its own seed: stages never replay another's draws.
         for i, dataset in enumerate(self.datasets):
-            dataset.reseed(int(seed) + STAGE_SEED_STRIDE * i)
-        self._rng_pid = os.getpid()
+            dataset.seed = int(seed) + STAGE_SEED_STRIDE * i
 
     def __len__(self) -> int:
         return max(len(d) for d in self.datasets)
@@ -300,10 +295,6 @@ class CurriculumImages(torch.utils.data.Dataset):
         return min(len(d) for d in self.datasets)
 
     def __getitem__(self, key):
-        # In a DataLoader worker (a copy), reseed from the worker's torch seed first: see
-        # PretrainImages._current_rng.
-        if self._rng_pid != os.getpid() and torch.utils.data.get_worker_info() is not None:
-            self.reseed(torch.initial_seed())
         if isinstance(key, (tuple, list)):
             stage, index = (int(k) for k in key)
         else:

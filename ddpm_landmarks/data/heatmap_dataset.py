@@ -10,7 +10,6 @@ with the item, so a prediction decoded on the model grid is mapped back exactly,
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
@@ -18,12 +17,13 @@ import torch
 
 from ddpm_landmarks.config.common import AugmentConfig, DataConfig, HeatmapConfig
 from ddpm_landmarks.data.intensity import to_model_input
+from ddpm_landmarks.data.randomness import ItemRandomness
 from ddpm_landmarks.data.sample import LandmarkDataset
 from ddpm_landmarks.data.transforms import LandmarkTransform
 from ddpm_landmarks.heatmaps.targets import make_targets
 
 
-class HeatmapDataset(torch.utils.data.Dataset):
+class HeatmapDataset(ItemRandomness, torch.utils.data.Dataset):
     def __init__(self, dataset: LandmarkDataset, data_cfg: DataConfig, aug_cfg: AugmentConfig,
                  heatmap_cfg: HeatmapConfig, train: bool, seed: int = 0):
         self.dataset = dataset
@@ -34,27 +34,18 @@ class HeatmapDataset(torch.utils.data.Dataset):
         # Refuses flips without the dataset's left/right permutation (even for evaluation).
         self.transform = LandmarkTransform(data_cfg, aug_cfg, dataset.flip_permutation,
                                            train=train, dataset_name=dataset.name)
-        self.reseed(seed)
-
-    def reseed(self, seed: int) -> None:
-        self.rng = np.random.default_rng(int(seed))
-        self._rng_pid = os.getpid()
-
-    def _current_rng(self) -> Optional[np.random.Generator]:
-        if not self.train:
-            return None
-        # A DataLoader worker holds a copy of the parent's generator: reseed it from the
-        # worker's own torch seed so workers (and epochs) draw different augmentations.
-        if self._rng_pid != os.getpid() and torch.utils.data.get_worker_info() is not None:
-            self.reseed(torch.initial_seed())
-        return self.rng
+        self.seed = int(seed)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
+        return self.item(int(index), self.item_rng(index) if self.train else None)
+
+    def item(self, index: int, rng: Optional[np.random.Generator]) -> dict:
+        """Item `index` augmented with `rng` (None: the deterministic resize only)."""
         sample = self.dataset[int(index)]
-        t = self.transform(sample, self._current_rng())
+        t = self.transform(sample, rng)
         heatmaps, mask = make_targets(t.landmarks, (self.size, self.size), self.heatmap_cfg)
         return {
             # [-1, 1] like pretraining (data.intensity_norm: fixed or per-image min-max)

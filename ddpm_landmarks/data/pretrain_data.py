@@ -20,18 +20,14 @@ Mixing by weight: pool_slots gives pool p a share of an epoch proportional to it
 whatever its size; pool_weighted_subset wraps that as a Subset for the engine's uniform
 shuffle. Seed it the same on every process (accelerate shards one shared stream).
 
-Randomness: the dataset owns `self.rng` (numpy Generator, seeded at construction, `reseed`).
-In a DataLoader worker the dataset is a copy; it reseeds itself, on its first item, from the
-worker's torch seed (torch.initial_seed(): base seed from the loader's generator + worker id,
-or whatever the engine's worker_init_fn set with torch.manual_seed), so workers and epochs
-differ and runs are reproducible when that seed is. worker_init_fn here does it up front. No horizontal flips: anatomy has a side,
-and a flipped chest or spine is an image the model should never learn as normal.
+Randomness: per item (data/randomness.py): item i of epoch e is augmented from a generator
+seeded by (seed, e, i), whatever the worker, so a resumed run replays its augmentations. No
+horizontal flips: anatomy has a side, and a flipped chest or spine is an image the model should
+never learn as normal.
 """
 from __future__ import annotations
 
 import logging
-import os
-import random
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +38,7 @@ import torch
 from ddpm_landmarks.config.common import AugmentConfig
 from ddpm_landmarks.data.image_io import read_image
 from ddpm_landmarks.data.intensity import random_intensity, to_model_input
+from ddpm_landmarks.data.randomness import ItemRandomness
 from ddpm_landmarks.data.transforms import (
     original_to_model_matrix,
     random_affine_matrix,
@@ -61,7 +58,7 @@ log = logging.getLogger(__name__)
 
 
 
-class PretrainImages(torch.utils.data.Dataset):
+class PretrainImages(ItemRandomness, torch.utils.data.Dataset):
     """MixedPools -> (1, S, S) float32 tensors in [-1, 1] on the model grid.
 
     augment=None: only the deterministic resize (for previews and tests); otherwise a random
@@ -87,22 +84,7 @@ class PretrainImages(torch.utils.data.Dataset):
         self.augment = augment
         to_model_input(np.zeros((1, 1), np.float32), intensity_norm)   # ValueError if unknown
         self.intensity_norm = intensity_norm
-        self.reseed(seed)
-
-    def reseed(self, seed: int) -> None:
-        """Restart the augmentation stream (called per DataLoader worker by worker_init_fn)."""
         self.seed = int(seed)
-        self.rng = np.random.default_rng(self.seed)
-        self._rng_pid = os.getpid()
-
-    def _current_rng(self) -> np.random.Generator:
-        # A worker holds a copy of the parent's generator: without a reseed every worker (and,
-        # as workers are re-created, every epoch) would replay the same stream. Whatever the
-        # worker_init_fn (ours, the engine's, none), torch.initial_seed() in a worker is that
-        # worker's own seed, so a worker that was not reseeded yet reseeds from it here.
-        if self._rng_pid != os.getpid() and torch.utils.data.get_worker_info() is not None:
-            self.reseed(torch.initial_seed())
-        return self.rng
 
     def __len__(self) -> int:
         return len(self.pools)
@@ -111,11 +93,10 @@ class PretrainImages(torch.utils.data.Dataset):
     def paths(self) -> list[Path]:
         return self.pools.paths
 
-    def load(self, index: int) -> np.ndarray:
-        """float32 (S, S) in [0, 1]: read, resize (area-antialiased), augment."""
+    def load(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        """float32 (S, S) in [0, 1]: read, resize (area-antialiased), augment with `rng`."""
         image = read_image(self.pools.path(index))   # DataError naming the file if unreadable
         h, w = image.shape
-        rng = self._current_rng()
         matrix = original_to_model_matrix((w, h), self.size, self.resize_mode)
         if self.augment is not None:
             matrix = random_affine_matrix(rng, self.augment, self.size) @ matrix
@@ -127,29 +108,8 @@ class PretrainImages(torch.utils.data.Dataset):
         return np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        image = self.load(int(index))
+        image = self.load(int(index), self.item_rng(index))
         return torch.from_numpy(to_model_input(image, self.intensity_norm)).unsqueeze(0)
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """DataLoader worker_init_fn: reseed this worker's dataset copy from its torch seed.
-
-    torch gives worker k the seed base_seed + k, base_seed drawn from the loader's generator,
-    so this is reproducible (seeded generator) and distinct per worker. The legacy global
-    numpy / random generators are seeded too, for any code that still draws from them.
-    """
-    info = torch.utils.data.get_worker_info()
-    if info is None:
-        return
-    seed = int(info.seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-    dataset = info.dataset
-    # Through a Subset (or similar wrapper) to the PretrainImages underneath.
-    while not hasattr(dataset, "reseed") and hasattr(dataset, "dataset"):
-        dataset = dataset.dataset
-    if hasattr(dataset, "reseed"):
-        dataset.reseed(seed)
 
 
 def pool_slots(pools, size: int, rng: np.random.Generator) -> np.ndarray:

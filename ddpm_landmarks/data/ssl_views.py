@@ -22,13 +22,13 @@ gray x-rays):
 3. Gaussian blur with probability `blur_prob`, sigma in `blur_sigma` (model-grid pixels);
 4. Gaussian noise of std `noise_std`.
 
-Randomness: the dataset's numpy Generator (PretrainImages' rules: reseeded per DataLoader
+Randomness: per item, as PretrainImages (data/randomness.py; formerly reseeded per DataLoader
 worker and epoch), so augmentations differ per process and are not replayed after a resume.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -160,7 +160,7 @@ def check_views(views) -> None:
 
 class TwoViewImages(PretrainImages):
     """MixedPools -> {"view1", "view2"[, "local"]}: independent augmentations of one image,
-    float32 in [-1, 1] (module doc). Same pools, exclusions, worker reseeding and audit files
+    float32 in [-1, 1] (module doc). Same pools, exclusions, per-item randomness and audit files
     as the DDPM images (PretrainImages)."""
 
     def __init__(self, pools: MixedPools, image_size: int, views, resize_mode: str = "stretch",
@@ -184,10 +184,9 @@ class TwoViewImages(PretrainImages):
             matrix = matrix @ np.linalg.inv(resize_matrix(wh, target, "stretch"))
         return image, matrix
 
-    def view(self, image: np.ndarray, matrix: np.ndarray,
-             rng: Optional[np.random.Generator] = None, local: bool = False) -> np.ndarray:
+    def view(self, image: np.ndarray, matrix: np.ndarray, rng: np.random.Generator,
+             local: bool = False) -> np.ndarray:
         """One augmented view, float32 (G, G) in [0, 1]; local=True: a small crop (s, s)."""
-        rng = self._current_rng() if rng is None else rng
         v = self.views
         out = v.local_size if local else (v.global_size or self.size)
         view = random_view_matrix(rng, v, self.size, out, v.local_crop_scale if local else None)
@@ -195,7 +194,7 @@ class TwoViewImages(PretrainImages):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image, matrix = self._base(int(index))
-        rng = self._current_rng()
+        rng = self.item_rng(index)
         one, two = self.view(image, matrix, rng), self.view(image, matrix, rng)
         item = {"view1": self.as_tensor(one), "view2": self.as_tensor(two)}
         if self.views.local_crops:

@@ -7,9 +7,11 @@ Layout of <output_dir>/<name>/:
     grid.json                    the plan: resolved grid, every job's config file and overrides
     pretrain/<init>-<hash>/      a pretraining run (+ pretraining.json: status)
     sources/<init>-<hash>/       a supervised source fine-tuning (+ source.json: status)
-    cells/<dataset>-<init>-N<budget>-s<seed>/
+    cells/<dataset>-<init>-N<budget>-s<seed>-<hash>/
                                  a fine-tuning run, its eval_<split>/ and cell.json (status,
-                                 command, wall time, metrics, or the error of a failed cell)
+                                 command, config hash, wall time, metrics, or the error of a
+                                 failed cell); <hash> is that of the cell's resolved config, so
+                                 an edited experiment file re-runs exactly the cells it changes
     job_logs/<job>.log           stdout + stderr of each job run as a process
     report/                      `ddpm-landmarks report` output, refreshed at the end
 
@@ -17,7 +19,9 @@ Restart = run the same command again: finished shared jobs (pretrainings, source
 fine-tunings: shared_jobs.py) and cells (status "done") are skipped; an interrupted one resumes
 from its last checkpoint (every job runs with train.resume=latest); failed ones are tried
 again. A failing job is recorded with its error and the grid carries on with the cells that do
-not depend on it.
+not depend on it. One runner per grid folder (a lock). Each job process runs in its own process
+group; SIGINT / SIGTERM to the runner are forwarded to it, the runner waits for it to end and
+then stops (GridInterrupted): no job outlives its runner, and a new runner resumes it.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +59,15 @@ SOURCE_STATUS = SourceJob.status_file
 
 class JobFailed(RuntimeError):
     """A pretraining, fine-tuning or evaluation job that did not finish."""
+
+
+class GridInterrupted(RuntimeError):
+    """The runner got SIGINT / SIGTERM; the running job was stopped and waited for."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}: the running job was stopped "
+                         f"and waited for; run the same command again to resume")
+        self.signum = signum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,12 +132,32 @@ def _error_of_log(text: str) -> str:
 
 
 def _run_process(argv: list[str], log_path: Path) -> None:
+    """Run one job in its own process group; SIGINT / SIGTERM to the runner go to the whole
+    group (accelerate's children included), and the runner waits for it before it stops."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    received: list[int] = []
     with open(log_path, "a") as fh:
         fh.write(f"\n$ {' '.join(argv)}\n")
         fh.flush()
-        rc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                start_new_session=True)
+
+        def forward(signum, frame) -> None:
+            received.append(signum)
+            try:
+                os.killpg(proc.pid, signum)
+            except ProcessLookupError:
+                pass
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            rc = proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    if received:
+        raise GridInterrupted(received[0])
     if rc != 0:
         tail = log_path.read_text()[-20000:]
         raise JobFailed(f"{_error_of_log(tail)} (exit status {rc}; log: {log_path})")
@@ -246,7 +280,8 @@ def run_cell(grid: GridConfig, cell: Cell, index: int, total: int) -> dict:
     cell.run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     record = {**cell.key, "budget_label": budget_label(cell.budget), "name": cell.name,
-              "kind": cell.kind, "eval_split": cell.eval_split,
+              "kind": cell.kind, "eval_split": cell.eval_split, "config_hash": cell.config_hash,
+              "run_dir": str(cell.run_dir),
               "pretraining": cell.pretraining.name if cell.pretraining else None,
               "source": cell.source.name if cell.source else None,
               "command": "mean-shape predictor, run in the grid's process"

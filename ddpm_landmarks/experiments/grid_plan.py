@@ -27,6 +27,7 @@ from ddpm_landmarks.experiments.shared_jobs import (
     SharedJobs,
     SourceJob,
     check_cell_source,
+    config_key,
     logger_overrides,
     plan_pretraining,
     plan_source,
@@ -74,6 +75,7 @@ class Cell:
     eval_split: str
     pretraining: Optional[Pretraining] = None
     source: Optional[SourceJob] = None
+    config_hash: str = ""               # of the resolved config (shared_jobs.config_key)
 
     @property
     def dependencies(self) -> list:
@@ -206,15 +208,20 @@ def build_plan(grid: GridConfig) -> Plan:
             for budget in grid.budgets:
                 for seed in grid.seeds:
                     name = cell_name(dataset, init, budget, seed)
-                    run_dir = grid.grid_dir / "cells" / name
                     tags = [f"dataset:{dataset}", f"init:{init}", f"N:{budget_label(budget)}",
                             f"seed:{seed}"]
-                    overrides = init_overrides + [
+                    cell_overrides = init_overrides + [
                         f"fewshot.budget={'null' if budget is None else budget}",
-                        f"fewshot.draw={seed}", f"train.seed={seed}",
-                        f"run.output_dir={run_dir.parent}", f"run.name={name}",
-                        "train.resume=latest"] + logger_overrides(grid, tags)
+                        f"fewshot.draw={seed}", f"train.seed={seed}"]
                     try:
+                        # The folder is keyed by the resolved config (without run / logger):
+                        # an edited experiment file re-runs exactly the cells it changes.
+                        key = config_key(load_config(config_path, cell_overrides,
+                                                     cls=FinetuneConfig))
+                        run_dir = grid.grid_dir / "cells" / f"{name}-{key}"
+                        overrides = cell_overrides + [
+                            f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}",
+                            "train.resume=latest"] + logger_overrides(grid, tags)
                         cfg = load_config(config_path, overrides, cls=FinetuneConfig)
                     except ConfigError as err:
                         raise ConfigError(f"cell {name}: {err}") from None
@@ -228,7 +235,8 @@ def build_plan(grid: GridConfig) -> Plan:
                         check_cell_source(name, cfg, eval_split, res.source)
                         res.source.users.append(name)
                     cells.append(Cell(dataset, init, res.kind, budget, seed, name, run_dir,
-                                      config_path, overrides, cfg, eval_split, job, res.source))
+                                      config_path, overrides, cfg, eval_split, job, res.source,
+                                      config_hash=key))
     return Plan(grid, list(jobs.pretrainings.values()), cells, list(jobs.sources.values()))
 
 
@@ -244,6 +252,7 @@ def plan_summary(plan: Plan) -> dict:
                          "overrides": s.overrides, "weights": s.weights, "after": after(s),
                          "users": s.users} for s in plan.sources],
             "cells": [{**c.key, "name": c.name, "kind": c.kind, "config": c.config_path,
+                       "config_hash": c.config_hash, "run_dir": str(c.run_dir),
                        "eval_split": c.eval_split,
                        "overrides": c.overrides,
                        "pretraining": c.pretraining.name if c.pretraining else None,

@@ -40,16 +40,20 @@ log = logging.getLogger(__name__)
 # Reading
 # ----------------------------------------------------------------------------------------------
 
-def load_cells(grid_dir: Path, order: Optional[dict] = None) -> list[dict]:
-    """Every cell.json under grid_dir/cells, sorted by dataset, init, budget, seed; datasets
-    and inits in the experiment file's order when `order` ({"datasets": [...], "inits": [...]})
-    is given, else alphabetically."""
+def load_cells(grid_dir: Path, order: Optional[dict] = None,
+               current: Optional[set[str]] = None) -> list[dict]:
+    """Every cell.json under grid_dir/cells (only the folders in `current` when given: the
+    plan's cells, not those of an earlier version of the experiment file), sorted by dataset,
+    init, budget, seed; datasets and inits in the experiment file's order when `order`
+    ({"datasets": [...], "inits": [...]}) is given, else alphabetically."""
     cells_dir = Path(grid_dir) / "cells"
     if not cells_dir.is_dir():
         raise FileNotFoundError(f"{grid_dir} is not a grid folder (no cells/ inside); run "
                                 f"`ddpm-landmarks grid EXPERIMENT.yaml` first")
     cells = []
     for path in sorted(cells_dir.glob("*/cell.json")):
+        if current is not None and path.parent.name not in current:
+            continue
         try:
             cells.append(json.loads(path.read_text()))
         except json.JSONDecodeError as err:
@@ -96,14 +100,14 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------
 
 def cell_rows(cells: list[dict], thresholds: list[float]) -> tuple[list[str], list[list]]:
-    header = ["dataset", "init", "budget", "seed", "status", "train_images", "unit", "mre",
-              "sd", "median"] + [f"sdr@{t:g}" for t in thresholds] + \
+    header = ["dataset", "init", "budget", "seed", "config_hash", "status", "train_images",
+              "unit", "mre", "sd", "median"] + [f"sdr@{t:g}" for t in thresholds] + \
              ["n", "missed", "wall_s", "error"]
     rows = []
     for c in cells:
         m = c.get("metrics", {})
         rows.append([c["dataset"], c["init"], c.get("budget_label", c.get("budget")), c["seed"],
-                     c.get("status", "?"), c.get("train_images", ""), m.get("unit", ""),
+                     c.get("config_hash", ""), c.get("status", "?"), c.get("train_images", ""), m.get("unit", ""),
                      m.get("mre", ""), m.get("sd", ""), m.get("median", "")] +
                     [_sdr(c, t) if m else "" for t in thresholds] +
                     [m.get("n", ""), m.get("missed", ""),
@@ -245,8 +249,8 @@ def plot_label_efficiency(groups: list[dict], path: Path) -> Optional[Path]:
 
 
 def _per_landmark_mre(grid_dir: Path, cell: dict) -> Optional[np.ndarray]:
-    path = grid_dir / "cells" / cell["name"] / f"eval_{cell.get('eval_split', 'test1')}" / \
-        "per_landmark.csv"
+    folder = Path(cell["run_dir"]) if cell.get("run_dir") else grid_dir / "cells" / cell["name"]
+    path = folder / f"eval_{cell.get('eval_split', 'test1')}" / "per_landmark.csv"
     if not path.is_file():
         return None
     with open(path, newline="") as fh:
@@ -306,8 +310,9 @@ def write_report(grid_dir: str | Path, out_dir: Optional[str | Path] = None,
     plan = json.loads((grid_dir / "grid.json").read_text()) if (grid_dir / "grid.json").is_file() \
         else {}
     grid = plan.get("grid", {})
+    current = {Path(c["run_dir"]).name for c in plan.get("cells", []) if c.get("run_dir")}
     cells = load_cells(grid_dir, {"datasets": list(grid.get("datasets", {})),
-                                  "inits": list(grid.get("inits", {}))})
+                                  "inits": list(grid.get("inits", {}))}, current or None)
     thresholds = _thresholds(cells)
     title = plan.get("grid", {}).get("name", grid_dir.name)
 

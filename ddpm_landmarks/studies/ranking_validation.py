@@ -158,7 +158,9 @@ def validate_ranking(result: RankResult, cfg: FinetuneConfig,
             if cell.get("kind") == "mean_shape":
                 skip("mean shape")
                 continue
-            config_file = grid / "cells" / str(cell.get("name")) / "config.yaml"
+            folder = Path(cell["run_dir"]) if cell.get("run_dir") else \
+                grid / "cells" / str(cell.get("name"))
+            config_file = folder / "config.yaml"
             if not config_file.is_file():
                 skip("no config.yaml")
                 continue

@@ -36,6 +36,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or a folder's data to disk (a folder: its entries, i.e. renames in it).
+    Harmless where a folder cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -58,13 +73,13 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+                fsync_path(f)
         old = None
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
+        fsync_path(out_dir.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -64,3 +64,37 @@ def test_flip_without_permutation_is_refused(synthetic):
     no_pairs.flip_permutation = None
     with pytest.raises(ValueError, match="permutation"):
         HeatmapDataset(no_pairs, cfg, AugmentConfig(flip_prob=0.5), HeatmapConfig(), train=True)
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_item(synthetic):
+    """Per-item randomness (data/randomness.py): the same (seed, epoch, item) gives the same
+    augmented item whatever was drawn before or by how many workers; another epoch, item or
+    seed another one; the copies of a RepeatedDataset are augmented anew."""
+    from torch.utils.data import DataLoader
+
+    from ddpm_landmarks.data.randomness import set_data_epoch
+    from ddpm_landmarks.training.launch import RepeatedDataset
+    cfg, ds = synthetic
+    make = lambda seed: HeatmapDataset(ds, cfg, AugmentConfig(), HeatmapConfig(), train=True,  # noqa: E731
+                                       seed=seed)
+    a, b = make(3), make(3)
+    b[4], b[0]                                       # other items drawn first: no effect
+    assert torch.equal(a[2]["image"], b[2]["image"])
+    assert not torch.equal(a[2]["image"], a[3]["image"][:, :, :])  # another item
+    assert not torch.equal(a[2]["image"], make(4)[2]["image"])
+    first = a[2]["image"]
+    set_data_epoch(a, 1)
+    assert not torch.equal(first, a[2]["image"])
+    set_data_epoch(a, 0)
+    assert torch.equal(first, a[2]["image"])
+
+    def images(workers: int) -> torch.Tensor:
+        loader = DataLoader(make(3), batch_size=2, num_workers=workers)
+        return torch.cat([batch["image"] for batch in loader])
+    assert torch.equal(images(0), images(2))
+
+    repeated = RepeatedDataset(make(3), times=2)
+    n = len(ds)
+    assert len(repeated) == 2 * n
+    assert not torch.equal(repeated[1]["image"], repeated[n + 1]["image"])   # a new copy
+    assert torch.equal(repeated[1]["image"], make(3)[1]["image"])

@@ -20,13 +20,13 @@ from ddpm_landmarks.data.pretrain_data import (
     PretrainImages,
     pool_slots,
     pool_weighted_subset,
-    worker_init_fn,
 )
 from ddpm_landmarks.data.pretrain_sets import (
     EXCLUSION_REPORT,
     IMAGE_LIST,
     build_pretrain_dataset,
 )
+from ddpm_landmarks.data.randomness import set_data_epoch
 from ddpm_landmarks.errors import ConfigError, DataError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -86,14 +86,16 @@ def test_letterbox_pads_with_black_and_no_augment_is_deterministic(pools):
     assert torch.equal(dataset[1], x)
 
 
-def test_deterministic_given_seed_and_different_after_reseed(pools):
+def test_augmentation_depends_on_seed_epoch_and_item_only(pools):
     cfg = make_cfg(pools)
     one, two = build_pretrain_dataset(cfg, seed=5), build_pretrain_dataset(cfg, seed=5)
     first = [one[i] for i in range(4)]
     assert all(torch.equal(a, two[i]) for i, a in enumerate(first))
-    one.reseed(6)
+    assert torch.equal(two[3], first[3]) and torch.equal(two[0], first[0])   # any order
+    assert not torch.equal(build_pretrain_dataset(cfg, seed=6)[0], first[0])
+    set_data_epoch(one, 1)
     assert not torch.equal(one[0], first[0])
-    one.reseed(5)
+    set_data_epoch(one, 0)
     assert torch.equal(one[0], first[0])
 
 
@@ -104,40 +106,20 @@ def test_flips_refused(pools):
         build_pretrain_dataset(cfg)
 
 
-def test_worker_seeding_reproducible_and_seed_dependent(pools):
+def test_workers_and_loader_seeds_do_not_change_the_batches(pools):
+    """Per-item randomness: 0 or 2 workers, any loader generator, give the same batches (so a
+    resumed run, which skips batches, replays the interrupted one's augmentations)."""
     dataset = build_pretrain_dataset(make_cfg(pools))
 
-    def batches(seed):
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=2, num_workers=2, worker_init_fn=worker_init_fn,
-            generator=torch.Generator().manual_seed(seed))
+    def batches(workers: int, seed: int) -> torch.Tensor:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=workers,
+                                             generator=torch.Generator().manual_seed(seed))
         return torch.cat(list(loader))
 
-    a, b, c = batches(1), batches(1), batches(2)
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    # workers 0 and 1 got different seeds: items 0 and 2 are the first of each worker
-    assert not torch.equal(a[0] - dataset[0], a[2] - dataset[2])
-
-
-def _engine_style_seeder(worker_id):
-    # what a training engine's worker_init_fn typically does: global seeds only, no reseed()
-    torch.manual_seed(1000 + worker_id)
-    np.random.seed(1000 + worker_id)
-
-
-def test_workers_reseed_themselves_without_our_worker_init_fn(pools):
-    dataset = build_pretrain_dataset(make_cfg(pools))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2,
-                                         worker_init_fn=_engine_style_seeder)
-    a, b = torch.cat(list(loader)), torch.cat(list(loader))
-    assert torch.equal(a, b)                       # seeded by the engine: reproducible
-    # each worker drew from its own torch seed (without the reseed both would copy the parent's)
-    for index, worker in [(0, 0), (1, 1)]:            # items go round-robin to the workers
-        dataset.reseed(1000 + worker)
-        assert torch.equal(a[index], dataset[index])
-    plain = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2,
-                                        generator=torch.Generator().manual_seed(3))
-    assert not torch.equal(torch.cat(list(plain)), torch.cat(list(plain)))  # epochs differ
+    a = batches(0, 1)
+    assert torch.equal(a, batches(2, 1)) and torch.equal(a, batches(2, 7))
+    set_data_epoch(dataset, 1)                       # the engine does this before each epoch
+    assert not torch.equal(a, batches(2, 1))
 
 
 def test_pool_weighted_subset(pools):

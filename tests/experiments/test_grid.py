@@ -4,6 +4,7 @@ restart, a failing cell that is recorded while the grid goes on, the report's nu
 dry-run estimate, the W&B summary run, and cells under a 2-process `accelerate launch`."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -167,7 +168,8 @@ def _is_png(path: Path) -> bool:
 def test_grid_killed_after_first_cell_resumes_only_the_rest(tmp_path, synth_root):
     path = experiment(tmp_path, synth_root)
     grid_dir = tmp_path / "runs" / "g"
-    first = grid_dir / "cells" / "synthetic-ddpm-N4-s0" / "cell.json"
+    plan = build_plan(load_grid(path))
+    first = next(c for c in plan.cells if c.name == "synthetic-ddpm-N4-s0").run_dir / "cell.json"
     cmd = [sys.executable, "-m", "ddpm_landmarks.cli.main", "grid", str(path)]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -307,6 +309,49 @@ def test_cells_run_under_two_process_accelerate_launch(tmp_path, synth_root, mon
     log = (tmp_path / "runs" / "g" / "job_logs" / "synthetic-scratch-N8-s0.log").read_text()
     assert "accelerate.commands.launch --num_processes 2" in log
     # the engine saw 2 processes: its checkpoint records them
-    state = next((tmp_path / "runs" / "g" / "cells" / "synthetic-scratch-N8-s0" /
-                  "checkpoints").glob("step_*/trainer_state.json"))
+    state = next((tmp_path / "runs" / "g" / "cells").glob(
+        "synthetic-scratch-N8-s0-*/checkpoints/step_*/trainer_state.json"))
     assert json.loads(state.read_text())["num_processes"] == 2
+
+
+# ------------------------------------------------------------------------- config hash, signals
+
+def test_cell_folders_are_keyed_by_the_config_so_edits_rerun_exactly_the_changed_cells(
+        tmp_path, synth_root):
+    path = experiment(tmp_path, synth_root, budgets=[4], seeds=[0],
+                      inits={"scratch": {"overrides": ["model.preset=tiny"]}, "mean_shape": {}})
+    grid = load_grid(path)
+    first = {c.name: c for c in build_plan(grid).cells}
+    scratch = first["synthetic-scratch-N4-s0"]
+    assert scratch.run_dir.name == f"synthetic-scratch-N4-s0-{scratch.config_hash}"
+    assert len(scratch.config_hash) == 8
+    assert run_grid(grid)["done"] == sorted(first)
+    # Edit the scratch init only: its cell gets a new folder (and runs), the other is skipped.
+    grid = load_grid(path, ["inits.scratch.overrides=[model.preset=tiny,optim.lr=0.001]"])
+    second = {c.name: c for c in build_plan(grid).cells}
+    assert second["synthetic-scratch-N4-s0"].run_dir != scratch.run_dir
+    assert second["synthetic-mean_shape-N4-s0"].run_dir == first["synthetic-mean_shape-N4-s0"].run_dir
+    outcome = run_grid(grid)
+    assert outcome["done"] == ["synthetic-scratch-N4-s0"]
+    assert outcome["skipped"] == ["synthetic-mean_shape-N4-s0"]
+    # The report holds the cells of the current plan, each with its config hash.
+    rows = list(csv.DictReader(open(grid.grid_dir / "report" / "cells.csv")))
+    assert sorted(r["config_hash"] for r in rows) == sorted(c.config_hash for c in second.values())
+
+
+def test_a_signal_to_the_runner_stops_its_job_and_waits(tmp_path):
+    import threading
+
+    from ddpm_landmarks.experiments.grid import GridInterrupted, _run_process
+    marker = tmp_path / "child.pid"
+    script = (f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); "
+              f"time.sleep(60)")
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    started = time.time()
+    with pytest.raises(GridInterrupted, match="SIGTERM"):
+        _run_process([sys.executable, "-c", script], tmp_path / "job.log")
+    assert time.time() - started < 30
+    pid = int(marker.read_text())
+    assert not Path(f"/proc/{pid}").exists()            # the job ended with its runner
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handlers restored

@@ -195,7 +195,8 @@ def test_failing_source_is_recorded_once_and_fails_its_cells(tmp_path, roots, ca
     status = json.loads((source_dir / "source.json").read_text())
     assert status["status"] == "failed" and str(missing) in status["error"]
     for name in outcome["failed"]:
-        cell = json.loads((tmp_path / "runs" / "t" / "cells" / name / "cell.json").read_text())
+        (cell_file,) = (tmp_path / "runs" / "t" / "cells").glob(f"{name}-*/cell.json")
+        cell = json.loads(cell_file.read_text())
         assert f"source fine-tuning {source_dir.name} failed" in cell["error"]
         assert str(missing) in cell["error"]
     assert capsys.readouterr().out.count(f"source fine-tuning {source_dir.name} (") == 1

@@ -259,14 +259,21 @@ def test_interrupted_checkpoint_write(tmp_path, monkeypatch):
     assert [p.name for p in list_checkpoints(run)] == ["step_00000002", "step_00000003"]
     saved = weights(trainer)
 
-    # 1) killed while accelerate writes the state: a partial temp folder is left behind.
-    def partial_save_state(output_dir, **kwargs):
-        (Path(output_dir) / "model.safetensors").write_bytes(b"half a file")
-        raise KeyboardInterrupt("killed mid-save")
+    # 1) killed while the files are written: a partial temp folder is left behind.
+    real_save_file = ckpt_mod.save_file
+    calls = []
 
-    monkeypatch.setattr(trainer.accelerator, "save_state", partial_save_state)
+    def killed_after_two_files(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"half a file")
+            raise KeyboardInterrupt("killed mid-save")
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", killed_after_two_files)
+    trainer.step = 4
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(trainer.accelerator, run, 4, {"epoch": 0}, keep=2)
+        trainer._save()
     monkeypatch.undo()
     assert (run / "checkpoints" / ".tmp-step_00000004").is_dir()
     assert find_latest(run).name == "step_00000003"
@@ -280,8 +287,9 @@ def test_interrupted_checkpoint_write(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(ckpt_mod.os, "replace", failing_replace)
+    trainer.step = 5
     with pytest.raises(OSError):
-        save_checkpoint(trainer.accelerator, run, 5, {"epoch": 0}, keep=2)
+        trainer._save()
     monkeypatch.undo()
     assert (run / "checkpoints" / ".tmp-step_00000005" / "trainer_state.json").is_file()
     assert find_latest(run).name == "step_00000003"
@@ -326,7 +334,9 @@ def test_two_processes_match_one_process(tmp_path):
     two = torch.load(out / "result.pt", weights_only=False)
     assert two["num_processes"] == 2
     assert [p.name for p in list_checkpoints(out / "run")] == ["step_00000006", "step_00000008"]
-    assert (out / "run" / "checkpoints" / "step_00000008" / "random_states_1.pkl").is_file()
+    # Each process's RNG state, as safetensors + JSON (nothing pickled).
+    assert (out / "run" / "checkpoints" / "step_00000008" / "rng_1.safetensors").is_file()
+    assert not list((out / "run" / "checkpoints").rglob("*.pkl"))
 
     reset_accelerate_state()
     one = toy.run(tmp_path / "one", batch_size=4, max_steps=8)
