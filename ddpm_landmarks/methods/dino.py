@@ -149,8 +149,9 @@ class DINOModel(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, m: float) -> None:
-        momentum_update(self.encoder, self.teacher_encoder, m)
-        momentum_update(self.head, self.teacher_head, m)
+        for student, teacher in ((self.encoder, self.teacher_encoder),
+                                 (self.head, self.teacher_head)):
+            momentum_update(student, teacher, m)
 
 
 class DINOMethod(ContrastiveMethod):
@@ -158,9 +159,8 @@ class DINOMethod(ContrastiveMethod):
 
     def build_model(self) -> nn.Module:
         c = self.cfg
-        model = DINOModel(c.encoder, c.in_channels, c.hidden_dim, c.bottleneck_dim, c.proj_dim,
-                          c.proj_layers)
-        return maybe_sync_bn(model, c.sync_bn, self.name)
+        return maybe_sync_bn(DINOModel(c.encoder, c.in_channels, c.hidden_dim, c.bottleneck_dim,
+                                       c.proj_dim, c.proj_layers), c.sync_bn, self.name)
 
     def momentum_at(self, step: int) -> float:
         return cosine_momentum(step, self.max_steps, self.cfg.momentum, self.cfg.momentum_end)

@@ -122,6 +122,11 @@ class ResnetBlock(nn.Module):
         return h + self.res_conv(x)
 
 
+def split_heads(to_qkv: nn.Module, x: torch.Tensor, heads: int):
+    """(q, k, v), each (B, heads, head width, H x W), from the 1x1 qkv projection of x."""
+    return (rearrange(t, "b (h c) x y -> b h c (x y)", h=heads) for t in to_qkv(x).chunk(3, dim=1))
+
+
 class Attention(nn.Module):
     """Softmax attention over all positions (the middle block only)."""
 
@@ -135,8 +140,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, h, w = x.shape
-        q, k, v = (rearrange(t, "b (h c) x y -> b h c (x y)", h=self.heads)
-                   for t in self.to_qkv(x).chunk(3, dim=1))
+        q, k, v = split_heads(self.to_qkv, x, self.heads)
         sim = torch.einsum("b h d i, b h d j -> b h i j", q * self.scale, k)
         attn = (sim - sim.amax(dim=-1, keepdim=True).detach()).softmax(dim=-1)
         out = torch.einsum("b h i j, b h d j -> b h i d", attn, v)
@@ -156,8 +160,7 @@ class LinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, h, w = x.shape
-        q, k, v = (rearrange(t, "b (h c) x y -> b h c (x y)", h=self.heads)
-                   for t in self.to_qkv(x).chunk(3, dim=1))
+        q, k, v = split_heads(self.to_qkv, x, self.heads)
         q = q.softmax(dim=-2) * self.scale
         k = k.softmax(dim=-1)
         context = torch.einsum("b h d n, b h e n -> b h d e", k, v)

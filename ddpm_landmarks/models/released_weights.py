@@ -115,17 +115,17 @@ class ReleasedRegressor(nn.Module):
         return self.unet.final_conv
 
     def head_parameters(self):
-        return self.head.parameters()
+        """The new parameters (optim.head_lr): the K-channel head."""
+        yield from self.unet.final_conv.parameters()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) in [-1, 1] -> (B, K, H, W) raw heatmaps."""
+        fixed = self.cfg.timestep_mode == "fixed"
+        time = torch.full((images.shape[0],), self.cfg.timestep, dtype=torch.long,
+                          device=images.device) if fixed else None
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"expected images (B, 1, H, W), got {tuple(images.shape)}")
-        x = (images + 1) * 0.5 if self.cfg.input_range == "unit" else images
-        time = None
-        if self.cfg.timestep_mode == "fixed":
-            time = torch.full((x.shape[0],), self.cfg.timestep, dtype=torch.long,
-                              device=x.device)
-        return self.unet(x, time)
+        return self.unet((images + 1) * 0.5 if self.cfg.input_range == "unit" else images, time)
 
 
 def build_released_regressor(cfg, num_landmarks: int, image_size: int) -> ReleasedRegressor:

@@ -17,6 +17,7 @@ from ddpm_landmarks.config.pretrain import (
     ViewConfig,
     resolve_ssl_config,
 )
+from ddpm_landmarks.config.schema import load_config
 from ddpm_landmarks.data.ssl_views import TwoViewImages
 from ddpm_landmarks.data.unlabeled import MixedPools, UnlabeledPool
 from ddpm_landmarks.methods.dino import dino_loss, update_center
@@ -83,12 +84,10 @@ def test_dino_loss_and_center_match_lightly(t_teacher, t_student, views):
 # -- the methods on real model outputs ----------------------------------------------------------
 
 def _method(name: str, **ssl):
-    cfg = PretrainConfig(method=name)
-    cfg.data.image_size = 32
-    cfg.train.batch_size = 4
-    cfg.ssl.hidden_dim = 32
-    for key, value in ssl.items():
-        setattr(cfg.ssl, key, value)
+    """The method at 32 px, batch 4, hidden width 32 (plus ssl.* values), seed 0."""
+    overrides = [f"method={name}", "data.image_size=32", "train.batch_size=4",
+                 "ssl.hidden_dim=32"] + [f"ssl.{key}={value}" for key, value in ssl.items()]
+    cfg = load_config(None, overrides, cls=PretrainConfig)
     torch.manual_seed(0)
     return PRETRAINING_METHODS[name](cfg)
 
