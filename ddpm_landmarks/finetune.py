@@ -27,6 +27,7 @@ from ddpm_landmarks.errors import ConfigError
 from ddpm_landmarks.methods.heatmap_regression import HeatmapRegressionMethod
 from ddpm_landmarks.models.registry import build_regressor
 from ddpm_landmarks.models.regressor import param_groups
+from ddpm_landmarks.training.checkpoint import CheckpointData
 from ddpm_landmarks.training.launch import (
     Launch,
     make_trainer,
@@ -36,6 +37,23 @@ from ddpm_landmarks.training.launch import (
 from ddpm_landmarks.training.validation import landmark_validator
 
 log = logging.getLogger(__name__)
+
+
+def check_resumed_landmarks(data: CheckpointData, num_landmarks: int) -> None:
+    """A clear error when the checkpoint being resumed predicts another number of landmarks
+    (e.g. the annotation files changed under an unchanged config)."""
+    # conv1x1 head: unet.conv_out.bias; small head: unet.conv_out.{0,1,3}.bias (last = 3);
+    # smp baselines: net.segmentation_head.0.bias.
+    heads = sorted(k for k in data.model if k.startswith(("unet.conv_out.",
+                                                          "net.segmentation_head."))
+                   and k.endswith("bias"))
+    if not heads:
+        raise ConfigError(f"{data.path} is not a fine-tuning checkpoint (no heatmap head)")
+    found = int(data.model[heads[-1]].shape[0])
+    if found != num_landmarks:
+        raise ConfigError(f"checkpoint {data.path} predicts {found} landmarks but this run's data "
+                          f"has {num_landmarks}; resume only runs of the same dataset (or start "
+                          f"a new run.name)")
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
@@ -72,6 +90,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     groups = param_groups(model, body_lr=cfg.optim.lr, head_lr=head_lr,
                           weight_decay=cfg.optim.weight_decay)
     method = HeatmapRegressionMethod(model, cfg.loss, cfg.heatmap)
+    if launch.folder.resume_from is not None:
+        check_resumed_landmarks(launch.folder.resume_from, dataset.num_landmarks)
 
     # ------------------------------------------------------------------ train
     # Only now, with data, split and model checked: a refused run leaves the folder untouched.

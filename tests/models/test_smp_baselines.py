@@ -19,12 +19,12 @@ from ddpm_landmarks.cli.main import main as cli_main
 from ddpm_landmarks.config.finetune import FinetuneConfig, RegressorConfig
 from ddpm_landmarks.config.schema import load_config
 from ddpm_landmarks.errors import ConfigError
-from ddpm_landmarks.finetune import check_checkpoint_landmarks, finetune
+from ddpm_landmarks.finetune import check_resumed_landmarks, finetune
 from ddpm_landmarks.models.registry import build_regressor
 from ddpm_landmarks.models.regressor import param_groups
 from ddpm_landmarks.models.saved_regressor import load_regressor, save_regressor
 from ddpm_landmarks.models.smp_regressor import IMAGENET_MEAN, IMAGENET_STD, Colorizer
-from ddpm_landmarks.training.checkpoint import checkpoint_dir
+from ddpm_landmarks.training.checkpoint import checkpoint_dir, read_checkpoint
 from ddpm_landmarks.training.engine import reset_accelerate_state
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -319,7 +319,7 @@ def test_scratch_finetune_evaluate_predict_and_round_trip(tmp_path):
     assert meta["regressor"]["arch"] == "smp_unet" and "unet_config" not in meta
     # The resume guard reads the smp head too.
     with pytest.raises(ConfigError, match="predicts 6 landmarks but this run's data has 5"):
-        check_checkpoint_landmarks(checkpoint_dir(run_dir, 20), 5)
+        check_resumed_landmarks(read_checkpoint(checkpoint_dir(run_dir, 20), 0, False), 5)
 
     run = load_trained_run(run_dir, device="cpu")
     assert run.model.cfg.arch == "smp_unet" and not run.model.training
