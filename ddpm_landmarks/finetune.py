@@ -43,10 +43,9 @@ def check_resumed_landmarks(data: CheckpointData, num_landmarks: int) -> None:
     """A clear error when the checkpoint being resumed predicts another number of landmarks
     (e.g. the annotation files changed under an unchanged config)."""
     # conv1x1 head: unet.conv_out.bias; small head: unet.conv_out.{0,1,3}.bias (last = 3);
-    # smp baselines: net.segmentation_head.0.bias.
-    heads = sorted(k for k in data.model if k.startswith(("unet.conv_out.",
-                                                          "net.segmentation_head."))
-                   and k.endswith("bias"))
+    # smp baselines: net.segmentation_head.0.bias; the released U-Net: unet.final_conv.
+    heads = sorted(k for k in data.model if k.startswith((
+        "unet.conv_out.", "net.segmentation_head.", "unet.final_conv.")) and k.endswith("bias"))
     if not heads:
         raise ConfigError(f"{data.path} is not a fine-tuning checkpoint (no heatmap head)")
     found = int(data.model[heads[-1]].shape[0])
