@@ -19,11 +19,11 @@ import sys
 import numpy as np
 from accelerate.utils import set_seed
 
-from ddpm_landmarks.config.finetune import FinetuneConfig
+from ddpm_landmarks.config.finetune import FinetuneConfig, resolve_epochs
 from ddpm_landmarks.data.checks import check_run_inputs
 from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
 from ddpm_landmarks.data.registry import build_dataset
-from ddpm_landmarks.data.splits import make_fewshot_split, split_files
+from ddpm_landmarks.data.splits import dataset_fewshot_split, split_files
 from ddpm_landmarks.errors import ConfigError
 from ddpm_landmarks.inference.calibrate import calibrate_after_finetune
 from ddpm_landmarks.methods.heatmap_regression import HeatmapRegressionMethod
@@ -45,10 +45,9 @@ def check_resumed_landmarks(data: CheckpointData, num_landmarks: int) -> None:
     """A clear error when the checkpoint being resumed predicts another number of landmarks
     (e.g. the annotation files changed under an unchanged config)."""
     # conv1x1 head: unet.conv_out.bias; small head: unet.conv_out.{0,1,3}.bias (last = 3);
-    # smp baselines: net.segmentation_head.0.bias.
-    heads = sorted(k for k in data.model if k.startswith(("unet.conv_out.",
-                                                          "net.segmentation_head."))
-                   and k.endswith("bias"))
+    # smp baselines: net.segmentation_head.0.bias; the released U-Net: unet.final_conv.
+    heads = sorted(k for k in data.model if k.startswith((
+        "unet.conv_out.", "net.segmentation_head.", "unet.final_conv.")) and k.endswith("bias"))
     if not heads:
         raise ConfigError(f"{data.path} is not a fine-tuning checkpoint (no heatmap head)")
     found = int(data.model[heads[-1]].shape[0])
@@ -65,17 +64,21 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
         # ------------------------------------------------------------------ data
         dataset = build_dataset(cfg.data)
-        pool = dataset.split(cfg.data.train_split)
         try:
-            split = make_fewshot_split(pool.ids, cfg.fewshot)
+            split, pool, val_pool = dataset_fewshot_split(dataset, cfg.data.train_split,
+                                                          cfg.fewshot)
         except ValueError as err:
             raise ConfigError(f"fewshot: {err}") from None
+        try:                           # epochs.max: counted in epochs of these N images
+            cfg = resolve_epochs(cfg, len(split.train_ids), launch.world_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         train_data = HeatmapDataset(pool.subset(split.train_ids), cfg.data, cfg.augment,
                                     cfg.heatmap, train=True,
                                     seed=cfg.train.seed + 7919 * launch.rank)
         val_data = None
         if split.val_ids:
-            val_data = HeatmapDataset(pool.subset(split.val_ids), cfg.data, cfg.augment,
+            val_data = HeatmapDataset(val_pool.subset(split.val_ids), cfg.data, cfg.augment,
                                       cfg.heatmap, train=False)
         elif cfg.train.eval_every:
             log.warning("no validation images (fewshot.val_policy=%s): no validation, no best/ "

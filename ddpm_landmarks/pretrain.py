@@ -7,7 +7,7 @@ Several processes / GPUs / nodes (same flags, same config):
     accelerate launch -m ddpm_landmarks.pretrain --config configs/pretrain/isbi2015.yaml train.resume=latest
 
 `method` (config key) picks the method from methods.registry.PRETRAINING_METHODS: ddpm, simclr,
-moco_v2, moco_v3. The run folder (run.output_dir/run.name) receives config.yaml,
+simclr_v2, moco_v2, moco_v3, dino. The run folder (run.output_dir/run.name) receives config.yaml,
 pretrain_images.txt (every image trained on, for leakage audits), checkpoints/step_*/
 (resumable), images/ (sample grids, or the SSL views), the W&B / TensorBoard logs and, at the
 end, export/: for ddpm the EMA U-Net (`UNet2DModel.from_pretrained`) with its scheduler and the
@@ -34,7 +34,11 @@ from ddpm_landmarks.config.training import TrainConfig
 from ddpm_landmarks.data.checks import check_run_inputs
 from ddpm_landmarks.data.pretrain_sets import pretraining_data
 from ddpm_landmarks.errors import ConfigError, DataError
-from ddpm_landmarks.methods.registry import PRETRAINING_METHODS, SSL_METHODS
+from ddpm_landmarks.methods.registry import (
+    MULTI_CROP_METHODS,
+    PRETRAINING_METHODS,
+    SSL_METHODS,
+)
 from ddpm_landmarks.models.encoder_weights import smp_encoder_channels
 from ddpm_landmarks.models.unet import build_unet
 from ddpm_landmarks.training.launch import Launch, make_trainer, script_main
@@ -99,6 +103,9 @@ def resolve_method(cfg: PretrainConfig, method_name: Optional[str] = None) -> Pr
         raise ConfigError(f"method: unknown method {name!r}; valid: "
                           f"{', '.join(PRETRAINING_METHODS)}")
     cfg = dataclasses.replace(cfg, method=name)
+    if cfg.ssl.views.local_crops and name not in MULTI_CROP_METHODS:
+        raise ConfigError(f"ssl.views.local_crops={cfg.ssl.views.local_crops}: local crops are "
+                          f"for {', '.join(MULTI_CROP_METHODS)}, not {name}; set 0")
     if name in SSL_METHODS:
         try:
             channels = smp_encoder_channels(cfg.ssl.encoder, cfg.ssl.in_channels)

@@ -1,11 +1,13 @@
 """`ddpm-landmarks evaluate RUN [--split test1] [--weights best|export|DIR] [--flip-tta]
-[--tta-score]`.
+[--tta-score] [--convention ours|released]`.
 
 Scores a fine-tuning run on a labelled split: decode with the run's decoder, map to original
 pixels, write metrics.json / per_landmark.csv / predictions.csv and best/worst overlays into
 RUN/eval_<split>/ (or --out), log them to W&B when the run's logger is wandb, print the table.
 Also the uncertainty report (uncertainty.json, sparsification.png; coverage and radii with the
 run's calibration.json, see `ddpm-landmarks calibrate`).
+--convention released scores as the released code of Di Via et al. does
+(evaluation/released_convention.py), into RUN/eval_<split>_released/, labelled so.
 """
 from __future__ import annotations
 
@@ -23,12 +25,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     setup_logging()
     run = load_trained_run(args.run, args.weights, args.overrides, device=args.device)
     summary = evaluate_run(run, args.split, Path(args.out) if args.out else None,
-                           flip_tta=True if args.flip_tta else None, tta_score=args.tta_score)
+                           flip_tta=True if args.flip_tta else None, tta_score=args.tta_score,
+                           convention=args.convention)
     out_dir = summary["out_dir"]
     title = f"{run.run_dir.name} ({run.weights_dir.name}) on {summary['dataset'].name}" + (
-        " + flip TTA" if "_tta" in out_dir.name else "")
+        " + flip TTA" if "_tta" in out_dir.name else "") + (
+        ", RELEASED CODE'S CONVENTION" if args.convention == "released" else "")
     print(format_summary(summary, title))
-    print(format_uncertainty(summary["uncertainty"]))
+    if "uncertainty" in summary:       # our convention only
+        print(format_uncertainty(summary["uncertainty"]))
     print(f"results: {out_dir}")
     log_evaluation(run.cfg.logger, run.run_dir, f"{run.run_dir.name}-eval-{summary['split']}",
                    summary, out_dir)
@@ -46,6 +51,10 @@ def add_parser(subparsers) -> None:
                    help="average with the mirrored image (needs a left/right permutation)")
     p.add_argument("--tta-score", action="store_true",
                    help="also compute the test-time-augmentation uncertainty score")
+    p.add_argument("--convention", choices=("ours", "released"), default="ours",
+                   help="ours (default): original pixels, the dataset's spacing; released: the "
+                        "released code's scoring (256 grid, rounded points, its spacing rules "
+                        "and SDR radii), into RUN/eval_<split>_released")
     p.add_argument("--out", default=None, help="result folder (default RUN/eval_<split>)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. decoder.name=argmax")

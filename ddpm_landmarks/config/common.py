@@ -23,6 +23,10 @@ class DataConfig:
     resize_mode: Literal["stretch", "letterbox"] = "stretch"  # stretch = the paper
     num_landmarks: Optional[int] = ranged(None, ">= 1")  # None = the dataset's own count
     on_bad_sample: Literal["error", "skip"] = "error"  # skip = count and log, never silent
+    # How gray levels become the [-1, 1] network input (data/intensity.py, to_model_input):
+    # fixed = the file's container range (ours); minmax = per-image min-max of the model-grid
+    # image (the released code's albumentations Normalize(normalization="min_max")).
+    intensity_norm: Literal["fixed", "minmax"] = "fixed"
     # Digital Hand Atlas: the two landmarks whose distance is 50 mm (0-based indices; Payer's
     # normalization_indizes=[1, 5], which his .mha ElementSpacing follows).
     wrist_landmarks: tuple[int, int] = ranged((1, 5), ">= 0")
@@ -59,9 +63,12 @@ class FewShotConfig:
     draw: int = ranged(0, ">= 0")       # which draw of N (several draws per N)
     seed: int = ranged(0, ">= 0")       # base seed of the draws
     policy: Literal["random", "first_n"] = "random"  # first_n = the original code, for comparison
-    val_policy: Literal["fixed_count", "within_budget", "none"] = "fixed_count"
-    # fixed_count: from the rest of the pool; within_budget: of N
+    # fixed_count: from the rest of the pool; within_budget: of N; split: the images of the
+    # named split `val_split` (e.g. the released code's fixed validation sets, released_val:
+    # 20 / 59 / 34 images for ISBI / hand / chest).
+    val_policy: Literal["fixed_count", "within_budget", "split", "none"] = "fixed_count"
     val_count: int = ranged(10, ">= 0")
+    val_split: str = ""                 # val_policy=split: a split of data.dataset
 
 
 @dataclass
@@ -71,6 +78,11 @@ class AugmentConfig:
     scale: tuple[float, float] = ranged((0.9, 1.1), "> 0", ordered=True)
     translate: float = ranged(0.05, "[0, 1]")            # fraction of the model grid
     shear_deg: float = ranged(0.0, "[0, 60]")
+    # Share of images that get the random affine (the released code's ShiftScaleRotate: p 0.5),
+    # and what fills the grid outside the image: constant (0, ours) or replicate (the edge
+    # pixels, the released code's cv2.BORDER_REPLICATE).
+    affine_prob: float = ranged(1.0, "[0, 1]")
+    border: Literal["constant", "replicate"] = "constant"
     # refused unless the dataset has a left/right permutation
     flip_prob: float = ranged(0.0, "[0, 1]")
     brightness: float = ranged(0.1, "[0, 1]")            # additive, uniform in [-b, b]
@@ -118,26 +130,26 @@ class UncertaintyConfig:
     # (1 / decoded peak), spread (heatmap spread), tta (spread of test-time-augmented points).
     score: Literal["none", "peak", "spread", "tta"] = "spread"
     spread: Literal["moments", "gaussian_fit"] = "moments"   # heatmaps/spread.py
-    window: int = 0                     # spread window half-width, model-grid px; 0 = 3 sigma
-    score_floor: float = 1e-3           # scores are raised to this (no division by ~0)
+    window: int = ranged(0, ">= 0")     # spread window half-width, model-grid px; 0 = 3 sigma
+    score_floor: float = ranged(1e-3, "> 0")  # scores are raised to this (no division by ~0)
     tta: bool = False                   # also compute the tta score (extra forward passes)
-    tta_jitters: int = 4                # small affine jitters, each mapped back exactly
-    tta_rotation_deg: float = 3.0
-    tta_scale: tuple[float, float] = (0.97, 1.03)
-    tta_translate: float = 0.02         # fraction of the model grid
+    tta_jitters: int = ranged(4, ">= 0")  # small affine jitters, each mapped back exactly
+    tta_rotation_deg: float = ranged(3.0, "[0, 180]")
+    tta_scale: tuple[float, float] = ranged((0.97, 1.03), "> 0", ordered=True)
+    tta_translate: float = ranged(0.02, "[0, 1]")  # fraction of the model grid
     tta_flip: bool = True               # + the mirrored image (datasets with a permutation)
-    tta_seed: int = 0
+    tta_seed: int = ranged(0, ">= 0")
     alphas: list[float] = field(default_factory=lambda: [0.1, 0.05])   # miscoverage levels
     # A point is flagged when its radius exceeds this; None = the dataset's smallest SDR
     # threshold (2 mm on ISBI). The same default sets the "large error" of the AUROC.
-    flag_radius: Optional[float] = None
-    error_threshold: Optional[float] = None
+    flag_radius: Optional[float] = ranged(None, "> 0")
+    error_threshold: Optional[float] = ranged(None, "> 0")
     # evaluate: the MRE of the other points when this most uncertain share is flagged
-    flagged_fraction: float = 0.1
+    flagged_fraction: float = ranged(0.1, "[0, 1)")
     # Calibration images: a seeded draw from the training pool without the few-shot train and
     # validation images (None = all of them); never the evaluation split.
-    calibration_count: Optional[int] = None
-    calibration_seed: int = 0
+    calibration_count: Optional[int] = ranged(None, ">= 1")
+    calibration_seed: int = ranged(0, ">= 0")
     calibrate_after_training: bool = False   # finetune ends with `ddpm-landmarks calibrate`
 
 

@@ -5,6 +5,7 @@ optimiser, engine and logger sections.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -26,13 +27,32 @@ SMP_SIZE_MULTIPLE = 32                  # smp encoders: five stride-2 stages
 
 
 @dataclass
+class ReleasedUnetConfig:
+    """The released code's U-Net (models/released_unet.py) as its checkpoints were trained:
+    Unet(dim=256, dim_mults=(1, 2, 4, 8), self_condition=True, resnet_block_groups=4,
+    att_heads=4, att_res=32). Other values are for tests and CPU runs only."""
+    dim: int = ranged(256, ">= 8")      # base width (the released code ties it to the image size)
+    dim_mults: tuple[int, ...] = (1, 2, 4, 8)
+    channels: int = ranged(1, ">= 1")
+    self_condition: bool = True         # a zero channel next to the image, as released
+    resnet_block_groups: int = ranged(4, ">= 1")  # GroupNorm groups (the released config's "res_blocks")
+    att_heads: int = ranged(4, ">= 1")
+    att_dim_head: int = ranged(32, ">= 1")  # width of a head (the released config's "attn_res")
+    gradient_checkpointing: bool = False  # released: on; recomputes activations (memory only)
+
+
+@dataclass
 class RegressorConfig:
-    # ddpm_unet: the DDPM U-Net of this module; smp_unet / smp_unetplusplus: smp baselines
-    arch: Literal["ddpm_unet", "smp_unet", "smp_unetplusplus"] = "ddpm_unet"
+    # ddpm_unet: the DDPM U-Net of this module; smp_unet / smp_unetplusplus: smp baselines;
+    # released_unet: the released code's U-Net (models/released_unet.py, section `released`)
+    arch: Literal["ddpm_unet", "smp_unet", "smp_unetplusplus", "released_unet"] = "ddpm_unet"
     # pretrained: pretrained_path (DDPM export, or an SSL encoder export for smp archs);
     # scratch: random init; imagenet: smp archs only (imagenet_weights, else smp's download);
-    # regressor: the body of a landmark regressor of another dataset (models/transfer_init.py)
-    init: Literal["pretrained", "scratch", "imagenet", "regressor"] = "pretrained"
+    # regressor: the body of a landmark regressor of another dataset (models/transfer_init.py);
+    # released_ddpm: the authors' DDPM checkpoint file (arch released_unet); released_ssl: the
+    # authors' SSL backbone file (smp archs, densenet161); models/released_weights.py
+    init: Literal["pretrained", "scratch", "imagenet", "regressor", "released_ddpm",
+                  "released_ssl"] = "pretrained"
     # a pretraining run's export/ folder, or for init=regressor a fine-tuning run's best/ or
     # export/ ("" = none: scratch only)
     pretrained_path: str = ""
@@ -42,15 +62,23 @@ class RegressorConfig:
     noise_input: bool = False           # needs the exported scheduler (pretrained_path/scheduler)
     freeze: Literal["none", "encoder", "unet"] = "none"
     head: Literal["conv1x1", "small"] = "conv1x1"
+    # DDPM U-Nets: the range the network sees ([-1, 1] images mapped inside the model):
+    # signed = [-1, 1]; unit = [0, 1]; auto = the pretraining's diffusion.image_range (the
+    # export's config; the released U-Net: unit), signed without one. Resolved when built.
+    input_range: Literal["auto", "signed", "unit"] = "auto"
+    released: ReleasedUnetConfig = field(default_factory=ReleasedUnetConfig)  # arch released_unet
     # smp archs only (models/smp_regressor.py):
     encoder: str = "resnet18"           # smp encoder name (resnet50, densenet161, vgg19, tu-...)
     imagenet_weights: str = ""          # init=imagenet offline: encoder state-dict file / folder
     gray_adapter: Literal["repeat", "in_channels", "colorize"] = "repeat"
-    input_norm: Literal["auto", "imagenet", "none"] = "auto"   # encoder input normalisation
+    # encoder input normalisation; unit = the [0, 1] image without mean / std (the released
+    # code's ImageNet and SSL baselines)
+    input_norm: Literal["auto", "imagenet", "none", "unit"] = "auto"
 
 
 # Fields of RegressorConfig that change the body's parameters, per source arch.
 BODY_FIELDS = {"ddpm_unet": ("arch", "timestep_mode"),
+               "released_unet": ("arch", "timestep_mode"),     # + `released`: the source's
                "smp_unet": ("arch", "encoder", "gray_adapter"),
                "smp_unetplusplus": ("arch", "encoder", "gray_adapter")}
 def check_same_body(target, source, where: str) -> None:
@@ -102,6 +130,53 @@ class FinetuneOptimConfig(OptimConfig):
     plateau_patience: int = ranged(3, ">= 1")
 
 
+@dataclass
+class EpochsConfig:
+    """Fine-tuning counted in epochs of the labelled images, as the released code counts it (at
+    most 200 epochs; validation, the plateau schedule and early stopping once per epoch).
+    The engine counts optimiser steps: resolve_epochs turns these into train.max_steps and
+    train.eval_every for the run's number of images before training (config.yaml records
+    both). Plateau and early-stopping patience count validations, i.e. epochs here."""
+    max: Optional[int] = ranged(None, ">= 1")  # None: train.max_steps / train.eval_every as given
+    eval_every: int = ranged(1, ">= 1")  # validate every this many epochs
+
+
+def steps_per_epoch(num_images: int, batch_size: int, grad_accum: int,
+                    num_processes: int = 1) -> int:
+    """Optimiser steps in one epoch of `num_images` labelled images, as the engine runs it:
+    the images repeated to fill one batch per process (launch.repeated_to_fill), whole batches
+    only (drop_last), each process its share of them, and a step every grad_accum batches plus
+    one at the epoch's end for a remainder (accelerate syncs at the end of the loader).
+    The released code (batch 2, accumulation 8, drop_last=False) makes ceil(ceil(N / 2) / 8)
+    steps: the same for N = 1, 5, 10, 25, 50, 130, 195, 550 (tests/config)."""
+    if min(num_images, batch_size, grad_accum, num_processes) < 1:
+        raise ValueError(f"steps_per_epoch needs positive counts, got images={num_images}, "
+                         f"batch={batch_size}, accumulation={grad_accum}, "
+                         f"processes={num_processes}")
+    global_batch = batch_size * num_processes
+    repeats = max(1, -(-global_batch // num_images))         # ceil
+    batches = (num_images * repeats // batch_size) // num_processes
+    return -(-batches // grad_accum)
+
+
+def resolve_epochs(cfg: "FinetuneConfig", num_images: int, num_processes: int = 1
+                   ) -> "FinetuneConfig":
+    """cfg with train.max_steps = epochs.max x steps_per_epoch and train.eval_every =
+    epochs.eval_every x steps_per_epoch for `num_images` training images; cfg itself when
+    epochs.max is None. ValueError for a non-positive epoch count."""
+    epochs = cfg.epochs
+    if epochs.max is None:
+        return cfg
+    if epochs.max < 1 or epochs.eval_every < 1:
+        raise ValueError(f"epochs.max={epochs.max} and epochs.eval_every={epochs.eval_every} "
+                         f"must be >= 1")
+    per_epoch = steps_per_epoch(num_images, cfg.train.batch_size, cfg.train.grad_accum,
+                                num_processes)
+    train = dataclasses.replace(cfg.train, max_steps=epochs.max * per_epoch,
+                                eval_every=epochs.eval_every * per_epoch)
+    return dataclasses.replace(cfg, train=train)
+
+
 def _finetune_train() -> TrainConfig:
     # Few labelled images: short runs, EMA off by default (best-by-validation instead).
     return TrainConfig(max_steps=1000, batch_size=8, ema=False, ema_decay=0.999,
@@ -121,6 +196,8 @@ class FinetuneConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     train: TrainConfig = field(default_factory=_finetune_train)
+    # Epoch-based schedule (the released code's): resolved into train.max_steps / eval_every.
+    epochs: EpochsConfig = field(default_factory=EpochsConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

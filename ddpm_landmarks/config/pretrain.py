@@ -36,14 +36,25 @@ class DiffusionConfig:
     beta_end: float = ranged(0.02, "(0, 1)")
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     min_snr_gamma: Optional[float] = ranged(None, "> 0")  # None = plain MSE; 5.0 = Hang et al. 2023
+    # Training timesteps are drawn uniformly from {min_timestep, ..., T - 1}; the released
+    # code draws from [1, T) (torch.randint(low=1, high=T)), i.e. min_timestep 1.
+    min_timestep: int = ranged(0, ">= 0")
+    # The range the images are diffused in: signed = [-1, 1] (ours, DDPM's usual); unit =
+    # [0, 1] (the released code diffuses its min-max images as they are). Fine-tuning feeds a
+    # regressor of this export the same range (models/regressor.py, model.input_range).
+    image_range: Literal["signed", "unit"] = "signed"
     sample_steps: int = ranged(25, ">= 1")           # DDIM steps for the logged sample grid
     num_samples: int = ranged(8, ">= 1")             # images in the logged grids
 
     def check_fields(self, prefix: str = "") -> None:
-        """beta_start <= beta_end (config/ranges.py: rules joining two fields)."""
+        """beta_start <= beta_end, min_timestep < num_train_timesteps (config/ranges.py:
+        rules joining two fields)."""
         if self.beta_start > self.beta_end:
             raise ConfigError(f"{dotted(prefix, 'beta_start')}: {self.beta_start} is above "
                               f"beta_end {self.beta_end}; the noise schedule must increase")
+        if self.min_timestep >= self.num_train_timesteps:
+            raise ConfigError(f"{dotted(prefix, 'min_timestep')}: {self.min_timestep} leaves no "
+                              f"timestep below num_train_timesteps {self.num_train_timesteps}")
 
 
 @dataclass
@@ -69,11 +80,20 @@ class ViewConfig:
     # in pixels of the model grid
     blur_sigma: tuple[float, float] = ranged((0.1, 2.0), ">= 0", ordered=True)
     noise_std: float = ranged(0.01, ">= 0")      # additive Gaussian noise (image in [0, 1])
+    # DINO's multi-crop: the two views above at global_size (None = data.image_size; the
+    # released code: 224 from a 256 image), plus local_crops small crops of local_size pixels
+    # from local_crop_scale of the image (DINO: 0.05-0.4; the released code: 6 at 96 px,
+    # 0.05-1). Other methods take local_crops = 0 only.
+    global_size: Optional[int] = ranged(None, ">= 8")
+    local_crops: int = ranged(0, ">= 0")
+    local_size: int = ranged(96, ">= 8")
+    local_crop_scale: tuple[float, float] = ranged((0.05, 0.4), "(0, 1]", ordered=True)
 
 
 @dataclass
 class SSLConfig:
-    """Contrastive SSL baselines (methods/simclr.py, moco_v2.py, moco_v3.py) on smp encoders.
+    """SSL baselines (methods/simclr.py, simclr_v2.py, moco_v2.py, moco_v3.py, dino.py) on smp
+    encoders.
 
     Fields left at None take the method's default (SSL_DEFAULTS), filled in by
     resolve_ssl_config before the run's config.yaml is written, so the run records the values.
@@ -83,15 +103,19 @@ class SSLConfig:
     # projection output (SimCLR / MoCo v2 128, MoCo v3 256)
     proj_dim: Optional[int] = ranged(None, ">= 1")
     hidden_dim: Optional[int] = ranged(None, ">= 1")  # MLP hidden width; None: see SSL_DEFAULTS
-    proj_layers: int = ranged(2, ">= 1")      # projection MLP depth (MoCo v3's ViT recipe uses 3)
-    temperature: Optional[float] = ranged(None, "> 0")
+    # projection MLP depth: 2 (SimCLR, MoCo), 3 (SimCLR v2, DINO)
+    proj_layers: Optional[int] = ranged(None, ">= 1")
+    temperature: Optional[float] = ranged(None, "> 0")             # DINO: the student's
+    teacher_temperature: Optional[float] = ranged(None, "> 0")     # DINO: 0.04 (released: 0.5)
+    center_momentum: Optional[float] = ranged(None, "[0, 1]")      # DINO: 0.9 (released: 0.5)
+    bottleneck_dim: int = ranged(256, ">= 1")    # DINO head: hidden -> bottleneck -> L2 -> out
     # MoCo v2 queue (the paper: 65536 of 1.28 M images). A multiple of the global batch, and
     # queue + global batch <= the number of images, else an image's own older key is among its
     # negatives (warned at the start of a run).
     queue_size: int = ranged(1024, ">= 1")
-    # MoCo v2 0.999; MoCo v3 0.99 (start of its cosine)
+    # MoCo v2 0.999; MoCo v3 0.99, DINO 0.996 (cosine start)
     momentum: Optional[float] = ranged(None, "[0, 1]")
-    momentum_end: float = ranged(1.0, "[0, 1]")  # MoCo v3: momentum at the last step
+    momentum_end: float = ranged(1.0, "[0, 1]")  # MoCo v3, DINO: momentum at the last step
     sync_bn: bool = True                # SimCLR, MoCo v3: SyncBatchNorm across GPU processes
     shuffle_bn: bool = True             # MoCo v2: shuffle keys across processes (shuffling BN)
     views: ViewConfig = field(default_factory=ViewConfig)
@@ -101,10 +125,15 @@ class SSLConfig:
 # (SimCLR and MoCo v2: 2048 = ResNet-50's), "2x encoder" = twice that (MoCo v3: 4096 for
 # ResNet-50's 2048). Published values and our small-batch choices: see each method's docstring.
 SSL_DEFAULTS: dict[str, dict] = {
-    "simclr": {"temperature": 0.5, "proj_dim": 128, "hidden_dim": "encoder"},
-    "moco_v2": {"temperature": 0.2, "proj_dim": 128, "hidden_dim": "encoder", "momentum": 0.999},
+    "simclr": {"temperature": 0.5, "proj_dim": 128, "hidden_dim": "encoder", "proj_layers": 2},
+    "simclr_v2": {"temperature": 0.5, "proj_dim": 128, "hidden_dim": "encoder",
+                  "proj_layers": 3},
+    "moco_v2": {"temperature": 0.2, "proj_dim": 128, "hidden_dim": "encoder", "momentum": 0.999,
+                "proj_layers": 2},
     "moco_v3": {"temperature": 1.0, "proj_dim": 256, "hidden_dim": "2x encoder",
-                "momentum": 0.99},
+                "momentum": 0.99, "proj_layers": 2},
+    "dino": {"temperature": 0.1, "teacher_temperature": 0.04, "center_momentum": 0.9,
+             "proj_dim": 65536, "hidden_dim": 2048, "momentum": 0.996, "proj_layers": 3},
 }
 
 
@@ -176,7 +205,8 @@ class CurriculumConfig:
 @dataclass
 class PretrainConfig:
     # ddpm = diffusion pretraining of a U-Net (model, diffusion, augment sections);
-    # simclr | moco_v2 | moco_v3 = contrastive pretraining of an smp encoder (ssl section).
+    # simclr | simclr_v2 | moco_v2 | moco_v3 | dino = self-supervised pretraining of an smp
+    # encoder (ssl section).
     method: str = "ddpm"
     data: DataConfig = field(default_factory=DataConfig)
     unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)

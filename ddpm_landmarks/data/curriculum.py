@@ -251,7 +251,8 @@ def build_curriculum(cfg, pools: MixedPools, seed: int, views=None) -> Curriculu
             except ConfigError as err:
                 raise ConfigError(f"{where} (augment_strength={strength:g}): {err}") from None
             augment, dataset = None, TwoViewImages(chosen, size, stage_views,
-                                                   cfg.data.resize_mode, seed=stage_seed)
+                                                   cfg.data.resize_mode, seed=stage_seed,
+                                                   intensity_norm=cfg.data.intensity_norm)
         else:
             if spec.views:
                 raise ConfigError(f"{where}.views: ssl.views are for the SSL methods; method "
@@ -259,7 +260,8 @@ def build_curriculum(cfg, pools: MixedPools, seed: int, views=None) -> Curriculu
             augment = _with_values(scale_augment(cfg.augment, strength), spec.augment,
                                    f"{where}.augment")
             stage_views, dataset = None, PretrainImages(chosen, size, cfg.data.resize_mode,
-                                                        augment, seed=stage_seed)
+                                                        augment, seed=stage_seed,
+                                                        intensity_norm=cfg.data.intensity_norm)
         stages.append(Stage(i, spec.name or f"stage{i}", first, last, chosen, size, augment,
                             stage_views, dataset))
     used = {p.name for s in stages for p in s.pools.pools}

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ddpm_landmarks.config.common import AugmentConfig, DataConfig, HeatmapConfig
+from ddpm_landmarks.data.intensity import to_model_input
 from ddpm_landmarks.data.randomness import ItemRandomness
 from ddpm_landmarks.data.sample import LandmarkDataset
 from ddpm_landmarks.data.transforms import LandmarkTransform
@@ -28,6 +29,7 @@ class HeatmapDataset(ItemRandomness, torch.utils.data.Dataset):
         self.dataset = dataset
         self.size = int(data_cfg.image_size)
         self.heatmap_cfg = heatmap_cfg
+        self.intensity_norm = data_cfg.intensity_norm
         self.train = train
         # Refuses flips without the dataset's left/right permutation (even for evaluation).
         self.transform = LandmarkTransform(data_cfg, aug_cfg, dataset.flip_permutation,
@@ -46,7 +48,8 @@ class HeatmapDataset(ItemRandomness, torch.utils.data.Dataset):
         t = self.transform(sample, rng)
         heatmaps, mask = make_targets(t.landmarks, (self.size, self.size), self.heatmap_cfg)
         return {
-            "image": torch.from_numpy(t.image * 2.0 - 1.0).unsqueeze(0),   # [-1, 1] like pretraining
+            # [-1, 1] like pretraining (data.intensity_norm: fixed or per-image min-max)
+            "image": torch.from_numpy(to_model_input(t.image, self.intensity_norm)).unsqueeze(0),
             "heatmaps": torch.from_numpy(heatmaps),
             "mask": torch.from_numpy(mask),
             "landmarks": torch.from_numpy(t.landmarks.astype(np.float32)),  # model grid, NaN = missing

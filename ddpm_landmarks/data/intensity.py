@@ -84,3 +84,25 @@ def random_intensity(image: np.ndarray, rng: np.random.Generator,
     out = gaussian_blur(out, rng, cfg.blur_prob, cfg.blur_sigma)
     out = add_gaussian_noise(out, rng, cfg.noise_std)
     return _unit(out)
+
+
+# Gray levels -> network input. Every model of the package takes [-1, 1]; what differs is how
+# the [0, 1] image is obtained (DataConfig.intensity_norm):
+#   fixed:  the file's container range (8 bit / 255, 16 bit / 65535; data/image_io.py), the
+#           same for every image, so contrast differences between images are kept (ours);
+#   minmax: per-image min-max stretch of the model-grid image to [0, 1], after resize and
+#           augmentation: the released code's albumentations Normalize(normalization="min_max")
+#           (global min and max of the image; a constant image becomes 0, where albumentations
+#           would divide by zero).
+INTENSITY_NORMS = ("fixed", "minmax")
+
+
+def to_model_input(image: np.ndarray, norm: str = "fixed") -> np.ndarray:
+    """float32 (H, W) model-grid image in [0, 1] -> float32 network input in [-1, 1]."""
+    out = np.asarray(image, dtype=np.float32)
+    if norm == "minmax":
+        lo, hi = float(out.min()), float(out.max())
+        out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+    elif norm != "fixed":
+        raise ValueError(f"unknown intensity_norm {norm!r}; valid: {', '.join(INTENSITY_NORMS)}")
+    return (out * 2.0 - 1.0).astype(np.float32, copy=False)

@@ -7,7 +7,9 @@
 (data/pretrain_sets.py builds the right dataset for a pretraining config: these images, the SSL
 methods' two views, or a curriculum.)
 
-Items are float32 tensors (1, S, S) in [-1, 1] (the range DDPM noise schedules assume).
+Items are float32 tensors (1, S, S) in [-1, 1] (the range DDPM noise schedules assume), from
+the [0, 1] image by data.intensity_norm (data/intensity.py: the file's range or per-image
+min-max, after resize and augmentation).
 
 Which images: the kept images of cfg.unlabeled.pools, plus, when cfg.unlabeled.labelled_splits
 is set, the images of those splits of cfg.data.dataset, each split one more pool of weight 1.0
@@ -37,7 +39,7 @@ import torch
 
 from ddpm_landmarks.config.common import AugmentConfig
 from ddpm_landmarks.data.image_io import read_image
-from ddpm_landmarks.data.intensity import random_intensity
+from ddpm_landmarks.data.intensity import random_intensity, to_model_input
 from ddpm_landmarks.data.randomness import ItemRandomness
 from ddpm_landmarks.data.record_checks import check_images
 from ddpm_landmarks.data.transforms import (
@@ -67,7 +69,8 @@ class PretrainImages(ItemRandomness, torch.utils.data.Dataset):
     """
 
     def __init__(self, pools: MixedPools, image_size: int, resize_mode: str = "stretch",
-                 augment: Optional[AugmentConfig] = None, seed: int = 0):
+                 augment: Optional[AugmentConfig] = None, seed: int = 0,
+                 intensity_norm: str = "fixed"):
         if augment is not None and augment.flip_prob > 0:
             raise ConfigError(f"augment.flip_prob={augment.flip_prob}: pretraining never flips "
                               "(anatomy has a side); set augment.flip_prob=0")
@@ -82,6 +85,8 @@ class PretrainImages(ItemRandomness, torch.utils.data.Dataset):
         self.size = int(image_size)
         self.resize_mode = resize_mode
         self.augment = augment
+        to_model_input(np.zeros((1, 1), np.float32), intensity_norm)   # ValueError if unknown
+        self.intensity_norm = intensity_norm
         self.seed = int(seed)
 
     def __len__(self) -> int:
@@ -99,14 +104,15 @@ class PretrainImages(ItemRandomness, torch.utils.data.Dataset):
         if self.augment is not None:
             matrix = random_affine_matrix(rng, self.augment, self.size) @ matrix
         # One warp for resize + augmentation: a single interpolation, antialiased on shrink.
-        image = warp_image(image, matrix, self.size)
+        image = warp_image(image, matrix, self.size,
+                           self.augment.border if self.augment is not None else "constant")
         if self.augment is not None:
             image = random_intensity(image, rng, self.augment)
         return np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         image = self.load(int(index), self.item_rng(index))
-        return torch.from_numpy(image * 2.0 - 1.0).unsqueeze(0)
+        return torch.from_numpy(to_model_input(image, self.intensity_norm)).unsqueeze(0)
 
 
 def pool_slots(pools, size: int, rng: np.random.Generator) -> np.ndarray:

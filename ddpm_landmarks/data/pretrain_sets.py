@@ -90,10 +90,11 @@ def build_pretrain_images(cfg, seed: Optional[int] = None, views=None
                      s.first_step, s.last_step, len(s.pools), s.image_size)
         return CurriculumImages(curriculum, seed), _curriculum_audit(curriculum, pools)
     if views is not None:
-        images = TwoViewImages(pools, cfg.data.image_size, views, cfg.data.resize_mode, seed=seed)
+        images = TwoViewImages(pools, cfg.data.image_size, views, cfg.data.resize_mode, seed=seed,
+                               intensity_norm=cfg.data.intensity_norm)
     else:
         images = PretrainImages(pools, cfg.data.image_size, cfg.data.resize_mode, cfg.augment,
-                                seed=seed)
+                                seed=seed, intensity_norm=cfg.data.intensity_norm)
     log.info("pretraining on %d images from %d pools", len(images), len(pools.pools))
     return images, {IMAGE_LIST: image_list_text(pools.paths),
                     EXCLUSION_REPORT: exclusion_summary(pools)}

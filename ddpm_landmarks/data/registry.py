@@ -4,7 +4,9 @@
 
 Where the data lives: DataConfig.root when set (~ and $VARS expanded), else
 $DDPM_LANDMARKS_DATA/<default folder> with DDPM_LANDMARKS_DATA defaulting to `data` (relative
-to the working directory). The default folders are the names of ../shared/data.
+to the working directory). The default folders are the names of ../shared/data. ISBI, hand
+and chest also get the named splits of data/named_splits.py (ISBI "test" = Test1 + Test2, the
+released code's released_train / released_val / released_test).
 
 With data.on_bad_sample=skip, build_dataset also leaves out every image that fails the checks
 of data/record_checks.py (it does not decode, a landmark lies outside it, its spacing is
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from ddpm_landmarks.config.common import DataConfig
+from ddpm_landmarks.data.named_splits import add_isbi_splits, add_released_splits
 from ddpm_landmarks.data.record_checks import without_unusable_records
 from ddpm_landmarks.data.sample import LandmarkDataset
 from ddpm_landmarks.errors import DataError
@@ -51,8 +54,8 @@ def resolve_root(cfg: DataConfig, default_subdir: str) -> Path:
 
 def _isbi(cfg: DataConfig) -> LandmarkDataset:
     from ddpm_landmarks.data.isbi import read_isbi2015
-    return read_isbi2015(resolve_root(cfg, DEFAULT_SUBDIRS["isbi2015"]), cfg.ground_truth,
-                         cfg.on_bad_sample)
+    root = resolve_root(cfg, DEFAULT_SUBDIRS["isbi2015"])
+    return add_isbi_splits(read_isbi2015(root, cfg.ground_truth, cfg.on_bad_sample), str(root))
 
 
 def _hand(cfg: DataConfig) -> LandmarkDataset:
@@ -64,15 +67,16 @@ def _hand(cfg: DataConfig) -> LandmarkDataset:
         raise DataError(f"hand_dha: train_split {cfg.train_split!r} and eval_split "
                         f"{cfg.eval_split!r} come from different cross-validation sets")
     cv_set = int(sets.pop()) if sets else 1
-    return read_hand_dha(resolve_root(cfg, DEFAULT_SUBDIRS["hand_dha"]),
-                         wrist_landmarks=cfg.wrist_landmarks, cv_set=cv_set,
-                         on_bad=cfg.on_bad_sample)
+    return add_released_splits(read_hand_dha(resolve_root(cfg, DEFAULT_SUBDIRS["hand_dha"]),
+                                             wrist_landmarks=cfg.wrist_landmarks,
+                                             cv_set=cv_set, on_bad=cfg.on_bad_sample))
 
 
 def _chest(cfg: DataConfig) -> LandmarkDataset:
     from ddpm_landmarks.data.chest import read_chest_gu2net
-    return read_chest_gu2net(resolve_root(cfg, DEFAULT_SUBDIRS["chest_gu2net"]),
-                             reference_size=cfg.reference_size, on_bad=cfg.on_bad_sample)
+    return add_released_splits(read_chest_gu2net(
+        resolve_root(cfg, DEFAULT_SUBDIRS["chest_gu2net"]), reference_size=cfg.reference_size,
+        on_bad=cfg.on_bad_sample))
 
 
 def _spine(cfg: DataConfig) -> LandmarkDataset:

@@ -123,6 +123,10 @@ class LandmarkDataset:
         self.skipped_names: dict[str, str] = {}  # id / file name of a skipped image -> why
         self.unlabeled: list = []
         self.absent_ids: list[str] = []
+        # Named splits beside each record's own `split`, set by readers (data/named_splits.py):
+        # name -> ids in order (e.g. ISBI "test" = test1 + test2, the released code's
+        # "released_train"), or -> a message saying why this copy of the data cannot give it.
+        self.derived_splits: dict[str, list[str] | str] = {}
         for r in self.records:
             check_landmarks(r.landmarks, num_landmarks, f"{name}/{r.id}")
 
@@ -147,7 +151,9 @@ class LandmarkDataset:
 
     @property
     def splits(self) -> list[str]:
-        return sorted({r.split for r in self.records})
+        """Every split this dataset can give: the records' own and the derived ones."""
+        own = {r.split for r in self.records}
+        return sorted(own | {k for k, v in self.derived_splits.items() if not isinstance(v, str)})
 
     def subset(self, ids: Sequence[str], name: Optional[str] = None) -> "LandmarkDataset":
         """Sub-dataset with the given ids, in the given order; unknown ids are errors."""
@@ -158,6 +164,11 @@ class LandmarkDataset:
         return self._like([by_id[i] for i in ids], name or self.name)
 
     def split(self, split: str) -> "LandmarkDataset":
+        derived = self.derived_splits.get(split)
+        if isinstance(derived, str):
+            raise DataError(f"{self.name}: split '{split}': {derived}")
+        if derived is not None:
+            return self.subset(derived, f"{self.name}:{split}")
         chosen = [r for r in self.records if r.split == split]
         if not chosen:
             raise DataError(f"{self.name}: no images in split '{split}'; splits: {self.splits}")

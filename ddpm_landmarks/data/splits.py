@@ -12,6 +12,8 @@ Validation (`cfg.val_policy`):
                  the N labelled training images are exactly the budget draw.
 - within_budget: cfg.val_count of the N drawn images are held out for validation, so only N
                  labelled images are used in total (the strict few-shot setting).
+- split:         the images of another split (cfg.val_split, passed in as `val_ids`), e.g. the
+                 released code's fixed validation set; it must not share an image with the pool.
 - none:          no validation images.
 
 Calibration (`draw_calibration`): the images that calibrate the conformal prediction regions
@@ -89,8 +91,10 @@ def first_n(ids: Sequence[str], budget: int) -> list[str]:
     return pool[:int(budget)]
 
 
-def make_fewshot_split(train_ids: Sequence[str], cfg: FewShotConfig) -> FewShotSplit:
-    """Labelled training ids and validation ids from the training pool, per `cfg`."""
+def make_fewshot_split(train_ids: Sequence[str], cfg: FewShotConfig,
+                       val_ids: Optional[Sequence[str]] = None) -> FewShotSplit:
+    """Labelled training ids and validation ids from the training pool, per `cfg`; `val_ids`
+    are the images of cfg.val_split for val_policy=split."""
     pool = _pool(train_ids)
     if not pool:
         raise ValueError("the training pool is empty: no images to draw a few-shot budget from")
@@ -101,10 +105,10 @@ def make_fewshot_split(train_ids: Sequence[str], cfg: FewShotConfig) -> FewShotS
     budget = cfg.budget
     # The validation generator depends on the budget too, so each (N, draw) stays independent.
     val_entropy = [int(cfg.seed), int(budget or 0), int(cfg.draw), _VAL_STREAM]
-    n_val = cfg.val_count if cfg.val_policy != "none" else 0
+    n_val = cfg.val_count if cfg.val_policy not in ("none", "split") else 0
 
     if budget is None:
-        if cfg.val_policy != "none" and n_val >= len(pool):
+        if n_val and n_val >= len(pool):
             raise ValueError(f"val_count {n_val} leaves no training images in the pool of "
                              f"{len(pool)}")
         selected = list(pool)
@@ -133,6 +137,16 @@ def make_fewshot_split(train_ids: Sequence[str], cfg: FewShotConfig) -> FewShotS
                                  f"after drawing N={budget} from {len(pool)}")
             train, val = selected, _seeded_choice(rest, n_val, val_entropy)
             vhow = f"validation: {n_val} images drawn from the {len(rest)} remaining"
+    elif cfg.val_policy == "split":
+        if not val_ids:
+            raise ValueError(f"val_policy=split needs the images of val_split "
+                             f"({cfg.val_split!r}); none given")
+        shared = sorted(set(map(str, val_ids)) & set(pool))
+        if shared:
+            raise ValueError(f"val_split {cfg.val_split!r} shares {len(shared)} images with the "
+                             f"training pool (e.g. {shared[:3]}): choose disjoint splits")
+        train, val = selected, [str(i) for i in val_ids]
+        vhow = f"validation: the {len(val)} images of split {cfg.val_split!r}"
     elif cfg.val_policy == "within_budget":
         n_sel = len(selected)
         if n_val >= n_sel:
@@ -144,7 +158,7 @@ def make_fewshot_split(train_ids: Sequence[str], cfg: FewShotConfig) -> FewShotS
         vhow = f"validation: {n_val} of the N={n_sel} held out (total labelled stays {n_sel})"
     else:
         raise ValueError(f"unknown val_policy {cfg.val_policy!r}; "
-                         f"expected fixed_count, within_budget or none")
+                         f"expected fixed_count, within_budget, split or none")
 
     return FewShotSplit(train_ids=list(train), val_ids=list(val),
                         policy=f"{how}; {vhow} ({cfg.val_policy})",
@@ -172,6 +186,18 @@ def draw_calibration(pool_ids: Sequence[str], exclude: Sequence[str], count: Opt
         raise ValueError(f"calibration count {count} is larger than the {len(rest)} images left "
                          f"in the pool of {len(pool)} after the few-shot train/validation images")
     return _seeded_choice(rest, int(count), [int(seed), int(count), _CALIBRATION_STREAM])
+def dataset_fewshot_split(dataset, train_split: str, cfg: FewShotConfig):
+    """(FewShotSplit, training pool, validation pool) of a LandmarkDataset: the pool is the
+    split `train_split`; the validation images come from it too, or, for val_policy=split,
+    from the split cfg.val_split. ValueError / DataError naming what is wrong."""
+    pool = dataset.split(train_split)
+    val_pool = pool
+    if cfg.val_policy == "split":
+        if not cfg.val_split:
+            raise ValueError(f"val_policy=split needs fewshot.val_split (a split of "
+                             f"{dataset.name}, e.g. released_val)")
+        val_pool = dataset.split(cfg.val_split)
+    return make_fewshot_split(pool.ids, cfg, val_pool.ids), pool, val_pool
 
 
 def split_files(split: FewShotSplit) -> dict[str, str]:

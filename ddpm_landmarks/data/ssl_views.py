@@ -1,7 +1,12 @@
-"""Two augmented views of one unlabelled x-ray, for the contrastive SSL baselines.
+"""Two augmented views of one unlabelled x-ray (plus DINO's small crops), for the SSL baselines.
 
     dataset = TwoViewImages(pools, image_size=64, views=cfg.ssl.views, seed=0)
-    item = dataset[i]          # {"view1": (1, S, S), "view2": (1, S, S)} float32 in [-1, 1]
+    item = dataset[i]          # {"view1": (1, G, G), "view2": (1, G, G)} float32 in [-1, 1]
+                               # + "local": (n, 1, s, s) with views.local_crops = n > 0
+
+G = views.global_size (default: the S x S model grid); DINO's multi-crop adds n local views of
+views.local_size pixels, cropped from views.local_crop_scale of the grid, each augmented like
+a view.
 
 Each view is drawn independently from the same image (SimCLR's and MoCo's recipe, adapted to
 gray x-rays):
@@ -23,7 +28,7 @@ worker and epoch), so augmentations differ per process and are not replayed afte
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -36,6 +41,7 @@ from ddpm_landmarks.data.intensity import (
     adjust_contrast,
     adjust_gamma,
     gaussian_blur,
+    to_model_input,
 )
 from ddpm_landmarks.data.pretrain_data import PretrainImages
 from ddpm_landmarks.data.transforms import (
@@ -71,8 +77,9 @@ def random_resized_crop_box(rng: np.random.Generator, size: int, scale: Sequence
 
 
 def crop_matrix(box: Sequence[float], size: int) -> np.ndarray:
-    """Model grid -> model grid: the crop `box` (x0, y0, w, h; pixel edges) stretched onto the
-    whole size x size grid, pixel-centre convention: u = (x + 0.5 - x0) * size / w - 0.5."""
+    """Model grid -> view grid: the crop `box` (x0, y0, w, h; pixel edges of the model grid)
+    stretched onto a whole size x size grid, pixel-centre convention:
+    u = (x + 0.5 - x0) * size / w - 0.5."""
     x0, y0, w, h = (float(v) for v in box)
     return (translation_matrix(-0.5, -0.5) @ scale_matrix(size / w, size / h)
             @ translation_matrix(0.5 - x0, 0.5 - y0))
@@ -87,17 +94,22 @@ def rotation_matrix(angle_deg: float, size: int) -> np.ndarray:
     return translation_matrix(c, c) @ rot @ translation_matrix(-c, -c)
 
 
-def random_view_matrix(rng: np.random.Generator, views, size: int) -> np.ndarray:
-    """Model grid -> augmented view grid: crop, then flip (prob.), then rotation.
+def random_view_matrix(rng: np.random.Generator, views, size: int,
+                       out_size: Optional[int] = None,
+                       crop_scale: Optional[Sequence[float]] = None) -> np.ndarray:
+    """Model grid (size) -> augmented view grid (out_size, default size): crop (area fraction
+    in crop_scale, default views.crop_scale), then flip (prob.), then rotation.
 
     Draw order is fixed (crop, flip, angle) and the flip and angle are always drawn."""
-    box = random_resized_crop_box(rng, size, views.crop_scale, views.crop_ratio)
+    out = size if out_size is None else int(out_size)
+    scale = views.crop_scale if crop_scale is None else crop_scale
+    box = random_resized_crop_box(rng, size, scale, views.crop_ratio)
     flip = rng.random() < views.flip_prob
     angle = rng.uniform(-views.rotation_deg, views.rotation_deg)
-    matrix = crop_matrix(box, size)
+    matrix = crop_matrix(box, out)
     if flip:
-        matrix = flip_matrix(size) @ matrix
-    return rotation_matrix(angle, size) @ matrix
+        matrix = flip_matrix(out) @ matrix
+    return rotation_matrix(angle, out) @ matrix
 
 
 def random_view_intensity(image: np.ndarray, rng: np.random.Generator, views) -> np.ndarray:
@@ -112,11 +124,17 @@ def random_view_intensity(image: np.ndarray, rng: np.random.Generator, views) ->
     return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
 
 
-def max_zoom(views) -> float:
-    """Largest magnification a crop can apply (the smallest crop side is sqrt(scale * ratio)
-    of the grid), used to pick the resolution both views are warped from."""
+def max_zoom(views, size: Optional[int] = None) -> float:
+    """Largest magnification a crop of the size x size grid can apply (the smallest crop side
+    is sqrt(scale * ratio) of the grid, stretched onto its view's side), used to pick the
+    resolution every view is warped from."""
     smallest = min(views.crop_ratio[0], 1.0 / views.crop_ratio[1], 1.0)
-    return 1.0 / math.sqrt(max(views.crop_scale[0] * smallest, 1e-6))
+    crops = [(views.crop_scale, 1.0)]
+    if size is not None:
+        crops = [(views.crop_scale, (views.global_size or size) / size)]
+        if views.local_crops:
+            crops.append((views.local_crop_scale, views.local_size / size))
+    return max(stretch / math.sqrt(max(scale[0] * smallest, 1e-6)) for scale, stretch in crops)
 
 
 def check_views(views) -> None:
@@ -130,16 +148,25 @@ def check_views(views) -> None:
     for name in ("flip_prob", "jitter_prob", "blur_prob"):
         if not 0 <= getattr(views, name) <= 1:
             raise ConfigError(f"ssl.views.{name}={getattr(views, name)}: not a probability")
+    l0, l1 = views.local_crop_scale
+    if views.local_crops < 0 or (views.local_crops and (views.local_size < 1
+                                                         or not 0 < l0 <= l1 <= 1)):
+        raise ConfigError(f"ssl.views: local_crops={views.local_crops}, local_size="
+                          f"{views.local_size}, local_crop_scale={list(views.local_crop_scale)}: "
+                          f"need a count >= 0, a positive size and 0 < lo <= hi <= 1")
+    if views.global_size is not None and views.global_size < 1:
+        raise ConfigError(f"ssl.views.global_size={views.global_size}: must be positive")
 
 
 class TwoViewImages(PretrainImages):
-    """MixedPools -> {"view1", "view2"}: two independent augmentations of one image, each
-    (1, S, S) float32 in [-1, 1]. Same pools, exclusions, per-item randomness and audit files as
-    the DDPM images (PretrainImages)."""
+    """MixedPools -> {"view1", "view2"[, "local"]}: independent augmentations of one image,
+    float32 in [-1, 1] (module doc). Same pools, exclusions, per-item randomness and audit files
+    as the DDPM images (PretrainImages)."""
 
     def __init__(self, pools: MixedPools, image_size: int, views, resize_mode: str = "stretch",
-                 seed: int = 0):
-        super().__init__(pools, image_size, resize_mode, augment=None, seed=seed)
+                 seed: int = 0, intensity_norm: str = "fixed"):
+        super().__init__(pools, image_size, resize_mode, augment=None, seed=seed,
+                         intensity_norm=intensity_norm)
         check_views(views)
         self.views = views
 
@@ -149,7 +176,7 @@ class TwoViewImages(PretrainImages):
         image = read_image(self.pools.path(index))
         h, w = image.shape
         matrix = original_to_model_matrix((w, h), self.size, self.resize_mode)
-        shrink = np.linalg.norm(matrix[:2, :2], axis=0) * max_zoom(self.views)
+        shrink = np.linalg.norm(matrix[:2, :2], axis=0) * max_zoom(self.views, self.size)
         if (shrink < 0.5).any():
             wh = (w, h)
             target = tuple(max(1, min(n, math.ceil(n * f))) for n, f in zip(wh, shrink))
@@ -157,14 +184,24 @@ class TwoViewImages(PretrainImages):
             matrix = matrix @ np.linalg.inv(resize_matrix(wh, target, "stretch"))
         return image, matrix
 
-    def view(self, image: np.ndarray, matrix: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One augmented view, float32 (S, S) in [0, 1]."""
-        out = warp_image(image, random_view_matrix(rng, self.views, self.size) @ matrix, self.size)
-        return random_view_intensity(out, rng, self.views)
+    def view(self, image: np.ndarray, matrix: np.ndarray, rng: np.random.Generator,
+             local: bool = False) -> np.ndarray:
+        """One augmented view, float32 (G, G) in [0, 1]; local=True: a small crop (s, s)."""
+        v = self.views
+        out = v.local_size if local else (v.global_size or self.size)
+        view = random_view_matrix(rng, v, self.size, out, v.local_crop_scale if local else None)
+        return random_view_intensity(warp_image(image, view @ matrix, out), rng, v)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image, matrix = self._base(int(index))
         rng = self.item_rng(index)
         one, two = self.view(image, matrix, rng), self.view(image, matrix, rng)
-        return {"view1": torch.from_numpy(one * 2.0 - 1.0).unsqueeze(0),
-                "view2": torch.from_numpy(two * 2.0 - 1.0).unsqueeze(0)}
+        item = {"view1": self.as_tensor(one), "view2": self.as_tensor(two)}
+        if self.views.local_crops:
+            item["local"] = torch.stack([self.as_tensor(self.view(image, matrix, rng, local=True))
+                                         for _ in range(self.views.local_crops)])
+        return item
+
+    def as_tensor(self, view: np.ndarray) -> torch.Tensor:
+        """(S, S) [0, 1] view -> (1, S, S) network input in [-1, 1] (data.intensity_norm)."""
+        return torch.from_numpy(to_model_input(view, self.intensity_norm)).unsqueeze(0)

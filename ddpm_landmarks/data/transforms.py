@@ -90,12 +90,15 @@ def random_affine_matrix(rng: np.random.Generator, cfg: AugmentConfig, size: int
     """Random rotation, isotropic scale, shear and translation about the grid centre.
 
     Draw order is fixed (rotation, scale, shear, tx, ty) and every value is always drawn, so a
-    seed gives the same augmentation whatever the ranges are.
+    seed gives the same augmentation whatever the ranges are. With cfg.affine_prob < 1 one more
+    draw decides whether the affine applies at all (identity otherwise).
     """
     angle = np.deg2rad(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg))
     scale = rng.uniform(cfg.scale[0], cfg.scale[1])
     shear = np.deg2rad(rng.uniform(-cfg.shear_deg, cfg.shear_deg))
     tx, ty = rng.uniform(-cfg.translate, cfg.translate, size=2) * size
+    if cfg.affine_prob < 1 and not rng.random() < cfg.affine_prob:
+        return np.eye(3)
     c = (size - 1) / 2.0                    # centre of the pixel-centre grid
     cos, sin = np.cos(angle), np.sin(angle)
     rotation = np.array([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]])
@@ -157,9 +160,14 @@ def antialias_plan(image_wh: Sequence[int], matrix: np.ndarray) -> Optional[tupl
     return w, h
 
 
-def warp_image(image: np.ndarray, matrix: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+BORDERS = {"constant": cv2.BORDER_CONSTANT, "replicate": cv2.BORDER_REPLICATE}
+
+
+def warp_image(image: np.ndarray, matrix: np.ndarray, size: int | tuple[int, int],
+               border: str = "constant") -> np.ndarray:
     """Warp a float32 (H, W) image onto a size x size (or (w, h)) grid; `matrix` maps image
-    grid -> output grid; outside the image is 0.
+    grid -> output grid; outside the image is 0 (border "constant") or the nearest edge pixel
+    ("replicate").
 
     Large shrinks are area-resized first (cv2.resize INTER_AREA); that resize's exact matrix is
     folded out of the warp so the overall geometry is still exactly `matrix`.
@@ -176,7 +184,7 @@ def warp_image(image: np.ndarray, matrix: np.ndarray, size: int | tuple[int, int
     dsize = (size, size) if np.isscalar(size) else (int(size[0]), int(size[1]))
     return cv2.warpAffine(image, inverse, dsize,
                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+                          borderMode=BORDERS[border], borderValue=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +246,8 @@ class LandmarkTransform:
         stored_wh = (sample.image.shape[1], sample.image.shape[0])
         stored_to_model = original_to_model @ np.linalg.inv(
             original_to_stored_matrix(sample.original_size, stored_wh))
-        image = warp_image(sample.image, stored_to_model, self.size)
+        image = warp_image(sample.image, stored_to_model, self.size,
+                           self.aug.border if self.train else "constant")
         landmarks = apply_matrix(original_to_model, sample.landmarks)
         if flipped:
             landmarks = flip_landmark_labels(landmarks, self.flip_permutation)

@@ -25,6 +25,10 @@ from ddpm_landmarks.evaluation.metrics import (
     summarize,
     write_results,
 )
+from ddpm_landmarks.evaluation.released_convention import (
+    RELEASED_RADII,
+    released_errors,
+)
 
 
 @dataclass
@@ -77,6 +81,31 @@ def evaluate_predictions(dataset: LandmarkDataset, truths: Sequence[GroundTruth]
         write_results(out_dir, [t.id for t in truths], dataset.landmark_names, predictions, gt,
                       errors, summary, units[0], extra=extra, confidence=confidence,
                       extra_columns=extra_columns)
+    summary["errors"] = errors
+    return summary
+
+
+RELEASED_POLICY = ("released convention (Di Via et al., WACV 2025, downstream_task/metrics.py; "
+                   "evaluation/released_convention.py): 256 x 256 grid, points rounded to it, "
+                   "ground truth re-extracted from its target disc, a missing prediction "
+                   "scored at (0, 0), the released spacing rule, SDR counts error <= t")
+
+
+def evaluate_released(dataset: LandmarkDataset, truths: Sequence[GroundTruth],
+                      predictions: np.ndarray, out_dir: Optional[Path] = None,
+                      extra: Optional[dict] = None) -> dict:
+    """evaluate_predictions in the released code's convention (evaluation/released_convention.py):
+    the same summary keys and files, labelled "convention": "released"."""
+    by_id = {r.id: r for r in dataset.records}
+    sizes = [t.original_size or image_size(by_id[t.id].image_path) for t in truths]
+    gt = np.stack([t.landmarks for t in truths])
+    errors, unit = released_errors(predictions, gt, sizes, dataset.name.split(":")[0])
+    summary = summarize(errors, RELEASED_RADII, inclusive=True)
+    summary["unit"] = unit
+    if out_dir is not None:
+        write_results(out_dir, [t.id for t in truths], dataset.landmark_names, predictions, gt,
+                      errors, summary, unit, extra={**(extra or {}), "convention": "released",
+                                                    "policy": RELEASED_POLICY})
     summary["errors"] = errors
     return summary
 

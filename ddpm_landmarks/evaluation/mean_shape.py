@@ -12,7 +12,7 @@ from typing import Optional
 
 from ddpm_landmarks.config.schema import save_config
 from ddpm_landmarks.data.registry import build_dataset
-from ddpm_landmarks.data.splits import make_fewshot_split, save_split
+from ddpm_landmarks.data.splits import dataset_fewshot_split, save_split
 from ddpm_landmarks.data.transforms import LandmarkTransform, map_to_original
 from ddpm_landmarks.evaluation.evaluate import (
     evaluate_predictions,
@@ -40,8 +40,7 @@ def run_mean_shape(cfg, run_dir: Path, split: Optional[str] = None) -> dict:
     experiment grid passes a cell's fine-tuning config)."""
     split = split or cfg.data.eval_split
     dataset = build_dataset(cfg.data)
-    train_pool = dataset.split(cfg.data.train_split)
-    fewshot = make_fewshot_split(train_pool.ids, cfg.fewshot)
+    fewshot, train_pool, _ = dataset_fewshot_split(dataset, cfg.data.train_split, cfg.fewshot)
     save_split(fewshot, run_dir)
     log.info("few-shot split: %s", fewshot.policy)
 

@@ -21,6 +21,7 @@ from ddpm_landmarks.data.checks import check_run_inputs
 from ddpm_landmarks.errors import ConfigError, DataError
 from ddpm_landmarks.experiments.grid_schema import (
     PRETRAINED_KINDS,
+    SSL_KINDS,
     DatasetSpec,
     GridConfig,
 )
@@ -43,9 +44,13 @@ log = logging.getLogger(__name__)
 # pretraining config, supervised the source's architecture: _kind_overrides).
 KIND_OVERRIDES: dict[str, list[str]] = {
     "ddpm": ["model.arch=ddpm_unet", "model.init=pretrained", "model.pretrained_path={export}"],
-    "simclr": ["model.arch=smp_unet", "model.init=pretrained", "model.pretrained_path={export}"],
-    "moco_v2": ["model.arch=smp_unet", "model.init=pretrained", "model.pretrained_path={export}"],
-    "moco_v3": ["model.arch=smp_unet", "model.init=pretrained", "model.pretrained_path={export}"],
+    **{kind: ["model.arch=smp_unet", "model.init=pretrained", "model.pretrained_path={export}"]
+       for kind in SSL_KINDS},
+    # The authors' files: their U-Net; their DenseNet161 backbone in an smp U-Net (3 channels).
+    "released_ddpm": ["model.arch=released_unet", "model.init=released_ddpm",
+                      "model.pretrained_path={export}"],
+    "released_ssl": ["model.arch=smp_unet", "model.init=released_ssl", "model.encoder=densenet161",
+                     "model.gray_adapter=repeat", "model.pretrained_path={export}"],
     "imagenet": ["model.arch=smp_unet", "model.init=imagenet"],
     "scratch": ["model.init=scratch", "model.pretrained_path="],
     "checkpoint": ["model.init=pretrained", "model.pretrained_path={export}"],
@@ -105,7 +110,7 @@ def cell_name(dataset: str, init: str, budget: Optional[int], seed: int) -> str:
 def _kind_overrides(kind: str, export: Optional[Path], pretrain_cfg: Optional[PretrainConfig],
                     source: Optional[SourceJob] = None) -> list[str]:
     overrides = [o.replace("{export}", str(export)) for o in KIND_OVERRIDES[kind]]
-    if pretrain_cfg is not None and kind in ("simclr", "moco_v2", "moco_v3"):
+    if pretrain_cfg is not None and kind in SSL_KINDS:
         ssl = pretrain_cfg.ssl
         overrides += [f"model.encoder={ssl.encoder}",
                       "model.gray_adapter=" + ("in_channels" if ssl.in_channels == 1 else "repeat")]
@@ -132,16 +137,18 @@ def _kind_overrides(kind: str, export: Optional[Path], pretrain_cfg: Optional[Pr
     return overrides
 
 
-def checkpoint_folder(init: str, path: str) -> Path:
-    """inits.<init>.checkpoint as a folder: a glob (runs/.../ddpm-*/export: the hash of a
-    pretraining run folder need not be copied by hand) must match exactly one folder."""
+def checkpoint_folder(init: str, path: str, files: bool = False) -> Path:
+    """inits.<init>.checkpoint as a folder (files=True: a file): a glob (runs/.../ddpm-*/export:
+    the hash of a pretraining run folder need not be copied by hand) must match exactly one."""
     if not any(char in path for char in "*?["):
         return Path(path)
-    matches = sorted(p for p in Path().glob(path) if p.is_dir()) if not Path(path).is_absolute() \
-        else sorted(p for p in Path("/").glob(path.lstrip("/")) if p.is_dir())
+    wanted = Path.is_file if files else Path.is_dir
+    matches = sorted(p for p in Path().glob(path) if wanted(p)) if not Path(path).is_absolute() \
+        else sorted(p for p in Path("/").glob(path.lstrip("/")) if wanted(p))
+    what = "file" if files else "folder"
     if len(matches) != 1:
         found = ", ".join(map(str, matches)) or "nothing (run what makes it first)"
-        raise ConfigError(f"inits.{init}.checkpoint: {path!r} must match exactly one folder; "
+        raise ConfigError(f"inits.{init}.checkpoint: {path!r} must match exactly one {what}; "
                           f"it matches {found}")
     return matches[0]
 
@@ -172,8 +179,8 @@ def resolve_init(grid: GridConfig, init: str, dataset: str, ds: DatasetSpec, job
         if spec.pretrain_weights == "best" and not job.config.probe.every:
             raise ConfigError(f"inits.{init}.pretrain_weights=best needs the landmark "
                               f"probe in its pretraining (probe.every > 0)")
-    elif kind == "checkpoint":
-        export = checkpoint_folder(init, spec.checkpoint)
+    elif kind in ("checkpoint", "released_ddpm", "released_ssl"):
+        export = checkpoint_folder(init, spec.checkpoint, files=kind != "checkpoint")
     elif kind == "supervised":
         base = InitResolution("", [])
         if spec.source_init:

@@ -30,13 +30,15 @@ Experiment file (every key is checked, as in run configs):
         source_init: imagenet               # ImageNet -> spine -> each dataset
         source_overrides: [fewshot.budget=null]
 
-Init kinds (INIT_KINDS): `ddpm` and the SSL methods (`simclr`, `moco_v2`, `moco_v3`) pretrain
-first (one run per distinct resolved pretraining config, shared by every cell that needs it:
+Init kinds (INIT_KINDS): `ddpm` and the SSL methods (`simclr`, `simclr_v2`, `moco_v2`,
+`moco_v3`, `dino`) pretrain first (one run per distinct resolved pretraining config, shared by every cell that needs it:
 all budgets and seeds, and every dataset whose pretraining config resolves to the same);
 `imagenet`, `scratch` and `checkpoint` (an existing DDPM or SSL export, or a saved fine-tuned
 regressor, whose body the cells fine-tune with a new head; the path may be a glob such as
 `runs/grids/cpu-small/pretrain/ddpm-*/export` that must match exactly one folder) do not; `mean_shape`
-is the trivial predictor (mean training landmark positions, no network); `supervised` fine-tunes
+is the trivial predictor (mean training landmark positions, no network); `released_ddpm` /
+`released_ssl` fine-tune the authors' published DDPM U-Net / DenseNet161 SSL checkpoint file
+(`checkpoint: PATH`, a glob matching one file); `supervised` fine-tunes
 a source job's model (a fine-tuning on another labelled dataset, shared like a pretraining and
 itself initialised by `source_init`, another init of the grid: chains; shared_jobs.py) with a new
 head, in the source's architecture. The overrides of a fine-tuning cell are applied in this
@@ -58,9 +60,13 @@ from ddpm_landmarks.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-PRETRAINED_KINDS = ("ddpm", "simclr", "moco_v2", "moco_v3")
+PRETRAINED_KINDS = ("ddpm", "simclr", "simclr_v2", "moco_v2", "moco_v3", "dino")
+SSL_KINDS = PRETRAINED_KINDS[1:]
 # mean_shape: no network, the average training landmark positions (the trivial reference row).
-INIT_KINDS = PRETRAINED_KINDS + ("imagenet", "scratch", "checkpoint", "mean_shape", "supervised")
+# released_ddpm / released_ssl: the authors' checkpoint files (inits.<name>.checkpoint, a
+# released .pt / .pth; models/released_weights.py).
+INIT_KINDS = PRETRAINED_KINDS + ("imagenet", "scratch", "checkpoint", "mean_shape", "supervised",
+                                 "released_ddpm", "released_ssl")
 SOURCE_FIELDS = ("source", "source_init", "source_overrides")
 
 # ----------------------------------------------------------------------------------------------
@@ -83,7 +89,7 @@ class InitSpec:
     pretrain: str = ""
     pretrain_overrides: list[str] = field(default_factory=list)
     checkpoint: str = ""                # kind=checkpoint: DDPM / SSL export or saved regressor
-                                        # folder; a glob must match exactly one
+                                        # folder; released_*: the file; a glob must match one
     # Which weights of the pretraining the cells fine-tune: its last step ("export") or the step
     # with the best landmark probe ("best": needs probe.every > 0 in the pretraining config).
     pretrain_weights: Literal["export", "best"] = "export"
@@ -116,6 +122,19 @@ class GridLoggerConfig:
 
 
 @dataclass
+class CostConfig:
+    """--dry-run's assumptions (experiments/cost.py): GPU hours = FLOPs / (peak x efficiency);
+    a network is timed on this machine only when a step should take <= max_timed_step_s."""
+    gpu: str = "NVIDIA A100"
+    gpu_peak_tflops: float = 156.0      # dense TF32: fp32 runs (cuDNN convolutions use TF32)
+    gpu_peak_tflops_half: float = 312.0  # dense bf16 / fp16
+    # Share of the peak a conv U-Net step reaches (GroupNorm, activations and softmax are
+    # memory-bound and not FLOPs; our CPU benchmark reaches 36-56 % of matmul peak).
+    gpu_efficiency: float = 0.35
+    max_timed_step_s: float = 10.0
+
+
+@dataclass
 class GridConfig:
     name: str = "grid"
     output_dir: str = "runs/grids"
@@ -128,6 +147,7 @@ class GridConfig:
     pretrain_overrides: list[str] = field(default_factory=list)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logger: GridLoggerConfig = field(default_factory=GridLoggerConfig)
+    cost: CostConfig = field(default_factory=CostConfig)      # --dry-run's GPU assumptions
 
     @property
     def grid_dir(self) -> Path:
@@ -149,9 +169,9 @@ def load_grid(path: str | Path, overrides: Optional[list[str]] = None) -> GridCo
         if kind not in INIT_KINDS:
             raise ConfigError(f"inits.{name}: unknown kind {kind!r}; valid kinds: "
                               f"{', '.join(INIT_KINDS)} (set inits.{name}.kind)")
-        if kind == "checkpoint" and not spec.checkpoint:
-            raise ConfigError(f"inits.{name}: kind checkpoint needs inits.{name}.checkpoint "
-                              f"(an export folder)")
+        if kind in ("checkpoint", "released_ddpm", "released_ssl") and not spec.checkpoint:
+            raise ConfigError(f"inits.{name}: kind {kind} needs inits.{name}.checkpoint "
+                              f"({'an export folder' if kind == 'checkpoint' else 'the file'})")
         if kind == "supervised" and not spec.source:
             raise ConfigError(f"inits.{name}: kind supervised needs inits.{name}.source (the "
                               f"source dataset's fine-tuning config)")

@@ -3,7 +3,7 @@ Each is planned once per distinct resolved config and shared by every cell (all 
 and datasets) whose init resolves to it; the runner (grid.py) runs it once, with a status file,
 train.resume=latest and its failure recorded, before the first cell that needs it.
 
-Pretraining (init kinds ddpm / simclr / moco_v2 / moco_v3): `<grid>/pretrain/<init>-<hash>/`,
+Pretraining (init kinds ddpm and the SSL methods): `<grid>/pretrain/<init>-<hash>/`,
 status `pretraining.json`, done when export/ exists.
 
 Source fine-tuning (init kind `supervised`; after Di Via et al., ISBI 2024, "Is in-domain data

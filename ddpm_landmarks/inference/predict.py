@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ddpm_landmarks.data.image_io import IMAGE_SUFFIXES, read_image
+from ddpm_landmarks.data.intensity import to_model_input
 from ddpm_landmarks.data.transforms import (
     map_to_original,
     original_to_model_matrix,
@@ -187,24 +188,25 @@ def landmark_info(cfg, num_landmarks: int) -> tuple[list[str], Optional[list[int
 # One image onto the model grid
 # ----------------------------------------------------------------------------------------------
 
-def to_model_grid(image: np.ndarray, size: int, mode: str) -> tuple[torch.Tensor, np.ndarray]:
+def to_model_grid(image: np.ndarray, size: int, mode: str, intensity_norm: str = "fixed"
+                  ) -> tuple[torch.Tensor, np.ndarray]:
     """float32 (H, W) [0, 1] file image -> ((1, S, S) float32 tensor in [-1, 1], 3x3 model grid
     -> file pixels). The same operations, in the same order and precision, as
     LandmarkTransform(train=False) + HeatmapDataset for an image stored at its original size."""
     h, w = image.shape[:2]
     matrix = original_to_model_matrix((w, h), size, mode)
     warped = warp_image(image, matrix, size).astype(np.float32, copy=False)
-    tensor = torch.from_numpy(warped * 2.0 - 1.0).unsqueeze(0)
+    tensor = torch.from_numpy(to_model_input(warped, intensity_norm)).unsqueeze(0)
     return tensor, np.linalg.inv(matrix)
 
 
-def _load(path: Path, size: int, mode: str):
+def _load(path: Path, size: int, mode: str, intensity_norm: str = "fixed"):
     """(file image, model-grid tensor, model -> file matrix); DataError naming the file."""
     try:
         image = read_image(path)
         if image.ndim != 2 or min(image.shape) < 1:
             raise DataError(f"{path}: expected a 2-D gray image, got shape {image.shape}")
-        tensor, to_file = to_model_grid(image, size, mode)
+        tensor, to_file = to_model_grid(image, size, mode, intensity_norm)
     except DataError:
         raise
     except (OSError, ValueError, cv2.error, MemoryError) as err:
@@ -284,7 +286,7 @@ def predict_folder(run, images: str | Path | Sequence[str | Path], flip_tta: Opt
 
     for path in files:
         try:
-            image, tensor, to_file = _load(path, size, mode)
+            image, tensor, to_file = _load(path, size, mode, cfg.data.intensity_norm)
         except DataError as err:
             message = str(err)
             if str(path) not in message:

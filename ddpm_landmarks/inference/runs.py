@@ -3,6 +3,7 @@
     run = load_trained_run("runs/finetune_synthetic", weights="best", overrides=["decoder.name=argmax"])
     run.cfg, run.model, run.weights_dir
     summary = evaluate_run(run, split="test1")           # files in run_dir/eval_test1/
+    summary = evaluate_run(run, "test1", convention="released")   # eval_test1_released/
 
 The run's own config.yaml is the reference (same data grid, heatmap, loss, decoder); dotted
 overrides change what may differ at test time (decoder, eval.*, data.root, ...).
@@ -35,6 +36,7 @@ from ddpm_landmarks.errors import ConfigError, DataError
 from ddpm_landmarks.evaluation.evaluate import (
     GroundTruth,
     evaluate_predictions,
+    evaluate_released,
     ground_truths,
     sdr_thresholds,
     write_overlays,
@@ -168,19 +170,38 @@ def default_threshold(dataset: LandmarkDataset, cfg, value: Optional[float]) -> 
 
 def evaluate_run(run: TrainedRun, split: Optional[str] = None,
                  out_dir: Optional[Path] = None, flip_tta: Optional[bool] = None,
-                 tta_score: bool = False) -> dict:
+                 tta_score: bool = False, convention: str = "ours") -> dict:
     """Predict a labelled split, map to original pixels, write metrics / CSVs / overlays and
-    the uncertainty report (uncertainty.json, sparsification.png, coverage with a calibration)."""
+    the uncertainty report (uncertainty.json, sparsification.png, coverage with a calibration).
+    convention="released": the errors as the released code computes them
+    (evaluation/released_convention.py), into eval_<split>_released/, without the uncertainty
+    report (that one is in our convention)."""
+    if convention not in ("ours", "released"):
+        raise ConfigError(f"unknown scoring convention {convention!r}; valid: ours, released")
     cfg = run.cfg
     split = split or cfg.data.eval_split
     dataset = build_dataset(cfg.data)
-    if split not in dataset.splits:
+    if split not in dataset.splits and split not in dataset.derived_splits:
         raise ConfigError(f"split {split!r} not in {dataset.name}; its splits: "
                           f"{', '.join(dataset.splits)}")
-    test = dataset.split(split)
+    test = dataset.split(split)         # a derived split this copy lacks: DataError saying why
     tta = cfg.eval.flip_tta if flip_tta is None else flip_tta
     estimator, calibration, ucfg = run.scoring(test.flip_permutation, tta, tta_score)
     est, truths = estimate_labelled(run, test, estimator, ucfg)
+    suffix = ("_tta" if tta else "") + ("_released" if convention == "released" else "")
+    out_dir = Path(out_dir) if out_dir else run.run_dir / f"eval_{split}{suffix}"
+    extra = {"split": split, "weights": str(run.weights_dir), "flip_tta": tta,
+             "decoder": cfg.decoder.name, "images": len(truths),
+             "calibration": None if calibration is None else calibration.score}
+    if convention == "released":
+        try:
+            summary = evaluate_released(test, truths, est.points, out_dir, extra=extra)
+        except ValueError as err:
+            raise ConfigError(f"--convention released: {err}") from None
+        summary.update(overlays=[], out_dir=out_dir, ids=[t.id for t in truths],
+                       predictions=est.points, confidence=est.peak, split=split, dataset=test)
+        return summary                 # the overlays and uncertainty are in our convention
+
     radii = calibration.radii(est.scales) if calibration else None
     flag_radius = default_threshold(test, cfg, cfg.uncertainty.flag_radius)
     columns = {f"uncertainty_{name}": u for name, u in est.scales.items() if name != "none"}
@@ -188,12 +209,6 @@ def evaluate_run(run: TrainedRun, split: Optional[str] = None,
         columns.update({f"radius@{a:g}": r for a, r in radii[calibration.score].items()})
         columns.update({f"flag@{a:g}": (r > flag_radius).astype(int)
                         for a, r in radii[calibration.score].items()})
-
-    out_dir = Path(out_dir) if out_dir else \
-        run.run_dir / (f"eval_{split}" + ("_tta" if tta else ""))
-    extra = {"split": split, "weights": str(run.weights_dir), "flip_tta": tta,
-             "decoder": cfg.decoder.name, "images": len(truths),
-             "calibration": None if calibration is None else calibration.score}
     summary = evaluate_predictions(test, truths, est.points, cfg.eval, out_dir, extra=extra,
                                    confidence=est.peak, extra_columns=columns)
     report = uncertainty_summary(

@@ -3,7 +3,9 @@
     method = DDPMMethod(cfg)            # cfg.model, cfg.diffusion, cfg.data.image_size
     loss, logs = method.loss(model, batch)  # batch: (B, 1, H, W) in [-1, 1]
 
-The paper's released code: T = 500, linear betas 1e-4..0.02, epsilon prediction, plain MSE.
+The paper's released code: T = 500, linear betas 1e-4..0.02, epsilon prediction, plain MSE,
+t drawn from [1, T) (diffusion.min_timestep=1) and images diffused in [0, 1]
+(diffusion.image_range=unit: the batch's [-1, 1] mapped to (x + 1) / 2 before noising).
 v-prediction, x0-prediction and min-SNR weighting (Hang et al. 2023) are options on top.
 """
 from __future__ import annotations
@@ -74,8 +76,13 @@ def predict_x0(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
-def _to_unit(x: torch.Tensor) -> torch.Tensor:
-    return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
+def to_image_range(images: torch.Tensor, image_range: str) -> torch.Tensor:
+    """Network input in [-1, 1] (the data's) -> the range the U-Net diffuses (module doc)."""
+    if image_range == "signed":
+        return images
+    if image_range == "unit":
+        return (images + 1) * 0.5
+    raise ValueError(f"unknown image_range {image_range!r}; valid: signed, unit")
 
 
 @torch.no_grad()
@@ -119,7 +126,11 @@ class DDPMMethod(Method):
         self.scheduler = DDPMScheduler(
             num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
             beta_start=d.beta_start, beta_end=d.beta_end, prediction_type=d.prediction_type,
-            clip_sample=True, clip_sample_range=1.0)     # data live in [-1, 1]
+            clip_sample=True, clip_sample_range=1.0)     # data in [-1, 1] (or [0, 1])
+        to_image_range(torch.zeros(1), d.image_range)   # ValueError for an unknown range
+        if not 0 <= d.min_timestep < d.num_train_timesteps:
+            raise ValueError(f"diffusion.min_timestep={d.min_timestep} must be in [0, "
+                             f"num_train_timesteps={d.num_train_timesteps})")
 
     @property
     def num_train_timesteps(self) -> int:
@@ -127,16 +138,21 @@ class DDPMMethod(Method):
 
     # -- training ---------------------------------------------------------------------------
 
+    def to_display(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in the diffused range -> [0, 1] on the CPU, for image grids."""
+        lo = -1.0 if self.cfg.image_range == "signed" else 0.0
+        return ((x.float().clamp(lo, 1.0) - lo) / (1.0 - lo)).cpu()
+
     def loss(self, model: torch.nn.Module, batch: torch.Tensor,
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        x0 = batch
+        x0 = to_image_range(batch, self.cfg.image_range)
         b, device = x0.shape[0], x0.device
         # Draw for the global batch and keep this process's slice (methods.base), on the
         # generator's device, then move: a CPU generator can drive a GPU run.
         total, mine = this_process_slice(b)
         gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_train_timesteps, (total,), generator=generator,
-                          device=gen_device)[mine].to(device)
+        t = torch.randint(self.cfg.min_timestep, self.num_train_timesteps, (total,),
+                          generator=generator, device=gen_device)[mine].to(device)
         noise = torch.randn((total, *x0.shape[1:]), generator=generator, device=gen_device,
                             dtype=x0.dtype)[mine].to(device)
         x_t = self.scheduler.add_noise(x0, noise, t)
@@ -157,7 +173,8 @@ class DDPMMethod(Method):
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, num: int, size: tuple[int, int],
                steps: int, seed: int = SAMPLE_SEED) -> torch.Tensor:
-        """DDIM (eta 0) samples in [-1, 1], (num, 1, H, W), from a fixed-seed starting noise."""
+        """DDIM (eta 0) samples in the diffused range, (num, 1, H, W), from a fixed-seed
+        starting noise."""
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         ddim = DDIMScheduler.from_config(self.scheduler.config)
@@ -167,7 +184,7 @@ class DDPMMethod(Method):
         for t in ddim.timesteps:
             out = model(x, t).sample
             x = ddim.step(out, t, x, eta=0.0).prev_sample
-        return x.clamp(-1, 1)
+        return x.clamp(-1.0 if self.cfg.image_range == "signed" else 0.0, 1.0)
 
     @torch.no_grad()
     def log_images(self, model: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -179,7 +196,7 @@ class DDPMMethod(Method):
             samples = self.sample(model, n, tuple(batch.shape[-2:]), self.cfg.sample_steps)
 
             T = self.num_train_timesteps
-            x0 = batch[:n].to(next(model.parameters()).dtype)
+            x0 = to_image_range(batch[:n], self.cfg.image_range).to(next(model.parameters()).dtype)
             gen = torch.Generator("cpu").manual_seed(SAMPLE_SEED + 1)
             alphas = self.scheduler.alphas_cumprod.to(x0.device, torch.float32)
             columns = [x0]
@@ -193,9 +210,9 @@ class DDPMMethod(Method):
                                     self.cfg.prediction_type)
                 columns += [x_t, x0_hat]
             # (n, cols, 1, H, W) -> row-major: one row per image.
-            recon = torch.stack([_to_unit(c) for c in columns], dim=1).flatten(0, 1)
+            recon = torch.stack([self.to_display(c) for c in columns], dim=1).flatten(0, 1)
             return {
-                "samples": make_grid(_to_unit(samples), nrow=min(n, 8), padding=2),
+                "samples": make_grid(self.to_display(samples), nrow=min(n, 8), padding=2),
                 "reconstructions": make_grid(recon, nrow=len(columns), padding=2),
             }
         finally:
@@ -205,8 +222,9 @@ class DDPMMethod(Method):
 
     @torch.no_grad()
     def probe_features(self, model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-        """Decoder activations at t = 0 (clean input), see unet_decoder_features."""
-        return unet_decoder_features(model, images)
+        """Decoder activations at t = 0 (clean input, in the diffused range), see
+        unet_decoder_features."""
+        return unet_decoder_features(model, to_image_range(images, self.cfg.image_range))
 
     # -- export -----------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ The encoder saw gray images in [-1, 1] (data.ssl_views) without further normalis
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -208,8 +209,11 @@ class OptimizerStepStart:
         return starts
 
 
-def autocast_off(device: torch.device) -> torch.autocast:
-    """Context without autocast: contrastive logits in float32 under bf16 / fp16 training."""
+def autocast_off(device: torch.device):
+    """Context without autocast: contrastive logits in float32 under bf16 / fp16 training
+    (nothing to switch off on the meta device, where --dry-run counts FLOPs)."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
 
 

@@ -4,7 +4,8 @@ and load_saved(path) for any saved model (models/artifacts.py says which kind a 
     model = build_regressor(cfg.model, num_landmarks=19, image_size=256)
 
 `model.init=regressor` (any arch) goes through models/transfer_init.py: the body of a regressor
-fine-tuned on another dataset, a new head for this one.
+fine-tuned on another dataset, a new head for this one. `released_unet` is the released code's
+U-Net (models/released_weights.py: its checkpoints with model.init=released_ddpm).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 from ddpm_landmarks.config.finetune import RegressorConfig
 from ddpm_landmarks.models.artifacts import ArtifactError, describe, identify
 from ddpm_landmarks.models.regressor import build_ddpm_regressor
+from ddpm_landmarks.models.released_weights import build_released_regressor
 from ddpm_landmarks.models.smp_regressor import build_smp_regressor
 from ddpm_landmarks.models.transfer_init import build_from_regressor
 
@@ -26,6 +28,7 @@ ARCHS: dict[str, Builder] = {
     "ddpm_unet": build_ddpm_regressor,
     "smp_unet": build_smp_regressor,
     "smp_unetplusplus": build_smp_regressor,
+    "released_unet": build_released_regressor,
 }
 
 

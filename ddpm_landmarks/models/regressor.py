@@ -29,6 +29,12 @@ Timesteps.
            mode no noise is drawn: the input is the mean of q(x_t | x_0), sqrt(a_t) x0, so
            predictions are deterministic and independent of batch composition.
 
+Input range (`model.input_range`): the regressor takes the pipeline's [-1, 1] images and feeds
+the U-Net the range it was pretrained in: "unit" maps x -> (x + 1) / 2 (a U-Net diffused in
+[0, 1], as the released code does: diffusion.image_range=unit), "signed" leaves x. "auto" is
+resolved when the model is built, from the export's ddpm_landmarks_config.yaml; the resolved
+value is what the saved regressor records.
+
 Freezing: "encoder" = conv_in + time embedding + down blocks + mid block; "unet" = everything but
 the new head (a linear/small probe). Frozen parameters have requires_grad False and are left out of
 `param_groups`.
@@ -44,18 +50,20 @@ models/registry.py maps `model.arch` to its builder.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from ddpm_landmarks.config.finetune import RegressorConfig
 from ddpm_landmarks.config.pretrain import ModelConfig
-from ddpm_landmarks.models.artifacts import ArtifactError, read_meta
+from ddpm_landmarks.models.artifacts import FORMATS, ArtifactError, read_meta
 from ddpm_landmarks.models.unet import build_unet
 from ddpm_landmarks.utils.modules import unwrap
 
@@ -69,7 +77,7 @@ class _NoTimeEmbedding(nn.Module):
         return None
 
 
-def _make_head(kind: str, channels: int, num_landmarks: int, groups: int) -> nn.Module:
+def make_head(kind: str, channels: int, num_landmarks: int, groups: int) -> nn.Module:
     last = nn.Conv2d(channels, num_landmarks, kernel_size=1)
     nn.init.normal_(last.weight, std=HEAD_INIT_STD)
     nn.init.zeros_(last.bias)
@@ -102,6 +110,8 @@ class HeatmapRegressor(nn.Module):
             raise ValueError(f"unknown freeze {cfg.freeze!r}; valid: none, encoder, unet")
         if cfg.timestep < 0:
             raise ValueError(f"timestep must be >= 0, got {cfg.timestep}")
+        if cfg.input_range not in ("auto", "signed", "unit"):
+            raise ValueError(f"unknown input_range {cfg.input_range!r}; valid: signed, unit")
         self.cfg = cfg
         self.num_landmarks = num_landmarks
 
@@ -127,7 +137,7 @@ class HeatmapRegressor(nn.Module):
                     raise ValueError(f"cannot drop time conditioning from {type(m).__name__}")
 
         old = unet.conv_out
-        unet.conv_out = _make_head(cfg.head, old.in_channels, num_landmarks, c.norm_num_groups)
+        unet.conv_out = make_head(cfg.head, old.in_channels, num_landmarks, c.norm_num_groups)
         self.unet = unet
 
         if cfg.freeze == "unet":
@@ -152,7 +162,7 @@ class HeatmapRegressor(nn.Module):
             raise ValueError(f"expected images (B, 1, H, W), got {tuple(images.shape)}")
         b = images.shape[0]
         t = torch.full((b,), self.cfg.timestep, dtype=torch.long, device=images.device)
-        x = images
+        x = (images + 1) * 0.5 if self.cfg.input_range == "unit" else images
         if self.alphas_cumprod is not None:
             a = self.alphas_cumprod[self.cfg.timestep].to(torch.float32)
             x = a.sqrt() * x.float()
@@ -198,6 +208,16 @@ def _check_scratch_architecture(path: Path, preset: str) -> None:
             f"to copy that run's architecture") from None
 
 
+def export_image_range(path: Optional[Path]) -> str:
+    """diffusion.image_range of the pretraining that wrote a DDPM export (its saved config);
+    "signed" (the default) without an export or a recorded value."""
+    config_file = path / FORMATS["ddpm_unet"].config_file if path is not None else None
+    if config_file is None or not config_file.is_file():
+        return "signed"
+    config = yaml.safe_load(config_file.read_text()) or {}
+    return str((config.get("diffusion") or {}).get("image_range", "signed"))
+
+
 def _levels_factor(unet_config: Any) -> int:
     return 2 ** (len(unet_config["block_out_channels"]) - 1)
 
@@ -222,6 +242,10 @@ def build_ddpm_regressor(cfg: RegressorConfig, num_landmarks: int,
     if cfg.init == "imagenet":
         raise ValueError("init='imagenet' needs an smp encoder: model.arch=smp_unet or "
                          "smp_unetplusplus (the DDPM U-Net has no ImageNet weights)")
+    if cfg.init in ("released_ddpm", "released_ssl"):
+        raise ValueError(f"init='{cfg.init}' needs model.arch=" + (
+            "released_unet (the released checkpoints hold that U-Net, not a UNet2DModel)"
+            if cfg.init == "released_ddpm" else "smp_unet with model.encoder=densenet161"))
     path = Path(cfg.pretrained_path) if cfg.pretrained_path else None
     if cfg.init == "pretrained":
         if path is None:
@@ -240,6 +264,8 @@ def build_ddpm_regressor(cfg: RegressorConfig, num_landmarks: int,
         raise ValueError(f"unknown init {cfg.init!r}; valid: pretrained, scratch, regressor")
 
     check_unet_size(unet, image_size)
+    if cfg.input_range == "auto":
+        cfg = dataclasses.replace(cfg, input_range=export_image_range(path))
 
     alphas = None
     if cfg.noise_input:

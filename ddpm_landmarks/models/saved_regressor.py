@@ -5,8 +5,8 @@
 
 The folder (models/artifacts.py, kind "regressor"): regressor.safetensors (the state dict),
 regressor.json ({"format": "ddpm_landmarks.regressor", "version": 1, "regressor": the
-RegressorConfig, "num_landmarks": K, and for the DDPM U-Net its "unet_config"}) and the run's
-resolved config.yaml. Loading needs no pretraining run, ImageNet file or SSL export: the
+RegressorConfig (for arch released_unet with its `released` architecture), "num_landmarks": K,
+and for the DDPM U-Net its "unet_config"}) and the run's resolved config.yaml. Loading needs no pretraining run, ImageNet file or SSL export: the
 architecture is rebuilt at random init from regressor.json, then the weights are loaded strictly.
 """
 from __future__ import annotations
@@ -22,8 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ddpm_landmarks.config.finetune import RegressorConfig
+from ddpm_landmarks.config.schema import from_dict
 from ddpm_landmarks.models.artifacts import FORMATS, read_meta, write_meta
 from ddpm_landmarks.models.regressor import HeatmapRegressor
+from ddpm_landmarks.models.released_unet import ReleasedUnet
+from ddpm_landmarks.models.released_weights import ReleasedRegressor
 from ddpm_landmarks.models.smp_regressor import SmpRegressor
 from ddpm_landmarks.utils.atomic import atomic_directory
 from ddpm_landmarks.utils.modules import unwrap
@@ -61,7 +64,8 @@ def read_saved_regressor(path: str | Path, what: str = "model.pretrained_path"
                          f"landmark regressor, a fine-tuning run's best/ or export/ folder")
     meta = read_meta(path, "regressor", what)
     names = {f.name for f in dataclasses.fields(RegressorConfig)}
-    return meta, RegressorConfig(**{k: v for k, v in meta["regressor"].items() if k in names})
+    return meta, from_dict(RegressorConfig, {k: v for k, v in meta["regressor"].items()
+                                             if k in names}, "regressor.json: regressor")
 
 
 def load_regressor(out_dir: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -73,6 +77,8 @@ def load_regressor(out_dir: str | Path, map_location: str | torch.device = "cpu"
         unet = UNet2DModel.from_config(meta["unet_config"])
         model = HeatmapRegressor(unet, cfg, int(meta["num_landmarks"]),
                                  state.get("alphas_cumprod"))
+    elif cfg.arch == "released_unet":
+        model = ReleasedRegressor(ReleasedUnet(cfg.released), cfg, int(meta["num_landmarks"]))
     else:
         model = SmpRegressor(cfg, int(meta["num_landmarks"]))
     model.load_state_dict(state, strict=True)

@@ -45,6 +45,8 @@ x in [-1, 1] -> (x + 1) / 2 in [0, 1] -> (x - mean) / std per channel, with `inp
           for a gray RGB image).
   "none": mean = std = 0.5, i.e. the encoder sees the [-1, 1] images unchanged (scratch; SSL
           encoders pretrained on the project's [-1, 1] images).
+  "unit": mean 0, std 1: the encoder sees the [0, 1] image, without mean / std (the released
+          code's ImageNet and SSL baselines; "auto" for init=released_ssl).
 
 Initialisation (`model.init`):
   "scratch":    smp's random init (encoder_weights=None).
@@ -63,6 +65,11 @@ Initialisation (`model.init`):
                 1-channel export loads only with "in_channels".
   "regressor":  a saved smp regressor of another dataset: all but its segmentation head
                 (models/transfer_init.py).
+  "released_ssl": `model.pretrained_path` = one of the authors' SSL checkpoint files
+                (ssl_pretraining/main.py: torch.save(backbone.state_dict()), a torchvision
+                DenseNet161 with keys `features.*`, which are smp's densenet161 encoder's),
+                read with torch.load(weights_only=True) by load_encoder_file like an ImageNet
+                file (3-channel first conv; summed over RGB for gray_adapter=in_channels).
 
 Learning rates (`param_groups` in models.regressor): "body" = the encoder at optim.lr; the
 decoder, segmentation head and colouriser are new parameters at optim.head_lr (init=regressor,
@@ -335,17 +342,18 @@ def load_ssl_export(model: SmpRegressor, path: str | Path) -> dict:
 def check_config(cfg, image_size: int) -> None:
     if cfg.arch not in SMP_ARCHS:
         raise ValueError(f"unknown smp arch {cfg.arch!r}; valid: {', '.join(SMP_ARCHS)}")
-    if cfg.init not in ("scratch", "imagenet", "pretrained", "regressor"):
-        raise ValueError(f"unknown init {cfg.init!r}; valid: scratch, imagenet, pretrained, "
-                         f"regressor")
+    if cfg.init not in ("scratch", "imagenet", "pretrained", "regressor", "released_ssl"):
+        raise ValueError(f"unknown init {cfg.init!r} for arch {cfg.arch}; valid: scratch, "
+                         f"imagenet, pretrained, regressor, released_ssl")
     encoder_in_channels(cfg.gray_adapter)
     if cfg.noise_input:
         raise ValueError(f"noise_input is a DDPM option; not available for arch {cfg.arch}")
     if cfg.head != "conv1x1":
         raise ValueError(f"model.head={cfg.head!r}: arch {cfg.arch} has smp's segmentation head "
                          f"(leave model.head at conv1x1)")
-    if cfg.input_norm not in ("auto", "imagenet", "none"):
-        raise ValueError(f"unknown input_norm {cfg.input_norm!r}; valid: auto, imagenet, none")
+    if cfg.input_norm not in ("auto", "imagenet", "none", "unit"):
+        raise ValueError(f"unknown input_norm {cfg.input_norm!r}; valid: auto, imagenet, none, "
+                         f"unit")
     if not cfg.encoder:
         raise ValueError(f"arch {cfg.arch} needs model.encoder (e.g. resnet18)")
     if image_size <= 0 or image_size % OUTPUT_STRIDE:
@@ -353,6 +361,9 @@ def check_config(cfg, image_size: int) -> None:
                          f"{OUTPUT_STRIDE} for arch {cfg.arch} (5 stride-2 encoder stages)")
     if cfg.init == "pretrained" and not cfg.pretrained_path:
         raise ValueError("init='pretrained' needs pretrained_path (an SSL export/ folder)")
+    if cfg.init == "released_ssl" and not cfg.pretrained_path:
+        raise ValueError("init='released_ssl' needs pretrained_path (the authors' SSL "
+                         "checkpoint file, e.g. .../dino/densenet161/model_epoch*_iter10000.pth)")
 
 
 def build_smp_regressor(cfg, num_landmarks: int, image_size: int) -> SmpRegressor:
@@ -378,15 +389,21 @@ def build_smp_regressor(cfg, num_landmarks: int, image_size: int) -> SmpRegresso
         if cfg.init == "imagenet":
             file = load_encoder_file(model.encoder, cfg.imagenet_weights, cfg.encoder)
             weights_dir = file.parent
+        elif cfg.init == "released_ssl":
+            load_encoder_file(model.encoder, cfg.pretrained_path, cfg.encoder,
+                              what="model.pretrained_path (released SSL checkpoint)")
+            norm = "unit" if norm == "auto" else norm
         elif cfg.init == "pretrained":
             meta = load_ssl_export(model, cfg.pretrained_path)
             if norm == "auto":
                 norm = str(meta.get("input_norm", "none"))
-                if norm not in ("imagenet", "none"):
+                if norm not in ("imagenet", "none", "unit"):
                     raise ValueError(f"{cfg.pretrained_path}: unknown input_norm {norm!r} in "
                                      f"{SSL_EXPORT.meta_file} (imagenet | none)")
     if norm == "auto":
         norm = "imagenet" if cfg.init == "imagenet" else "none"
     if norm == "imagenet":
         model.set_input_norm(*imagenet_preprocessing(cfg.encoder, weights_dir))
+    elif norm == "unit":
+        model.set_input_norm((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     return model

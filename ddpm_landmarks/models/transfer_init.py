@@ -12,7 +12,7 @@ export/: regressor.json + regressor.safetensors). What is carried over and what 
 
   ddpm_unet: the whole UNet2DModel (its config from regressor.json, not model.preset) except
              `conv_out`, the K-channel head, which is new for the target's landmark count and
-             initialised as every head is (models.regressor's _make_head; `model.head` may differ
+             initialised as every head is (models.regressor's make_head; `model.head` may differ
              from the source's). `alphas_cumprod` comes with the source when it had noise_input.
   smp_*:     encoder, decoder, colouriser and the input-normalisation buffers; the segmentation
              head is new (smp_regressor: N(0, 1e-3^2) weights, zero bias). Only that head is a
@@ -26,6 +26,7 @@ the target's. `model.input_norm` must stay `auto` (the normalisation is part of 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from diffusers import UNet2DModel
@@ -34,12 +35,14 @@ from torch import nn
 
 from ddpm_landmarks.config.finetune import check_same_body
 from ddpm_landmarks.models.regressor import HeatmapRegressor, check_unet_size
+from ddpm_landmarks.models.released_unet import ReleasedUnet
+from ddpm_landmarks.models.released_weights import ReleasedRegressor
 from ddpm_landmarks.models.saved_regressor import FORMAT, read_saved_regressor
 from ddpm_landmarks.models.smp_regressor import SmpRegressor, check_config
 
 # State-dict prefix of the K-channel head, which is never carried over.
 HEAD_PREFIX = {"ddpm_unet": "unet.conv_out.", "smp_unet": "net.segmentation_head.",
-               "smp_unetplusplus": "net.segmentation_head."}
+               "smp_unetplusplus": "net.segmentation_head.", "released_unet": "unet.final_conv."}
 
 
 def build_from_regressor(cfg, num_landmarks: int, image_size: int) -> nn.Module:
@@ -52,7 +55,13 @@ def build_from_regressor(cfg, num_landmarks: int, image_size: int) -> nn.Module:
                          f"normalisation comes with the source's weights; leave it at auto")
     state = load_file(str(Path(where) / FORMAT.weights_file), device="cpu")
     if cfg.arch == "ddpm_unet":
+        if cfg.input_range == "auto":            # the range the source's body was trained on
+            cfg = dataclasses.replace(cfg, input_range=source.input_range)
         model = _ddpm_target(cfg, meta, state, num_landmarks, image_size, where)
+    elif cfg.arch == "released_unet":           # the source's architecture and input range
+        cfg = dataclasses.replace(cfg, released=source.released, input_range=(
+            source.input_range if cfg.input_range == "auto" else cfg.input_range))
+        model = ReleasedRegressor(ReleasedUnet(cfg.released), cfg, num_landmarks)
     else:
         check_config(cfg, image_size)
         model = SmpRegressor(cfg, num_landmarks)

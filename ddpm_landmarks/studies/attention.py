@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from ddpm_landmarks.config.common import AugmentConfig, DataConfig
+from ddpm_landmarks.data.intensity import to_model_input
 from ddpm_landmarks.data.transforms import LandmarkTransform, apply_matrix
 from ddpm_landmarks.errors import ConfigError, DataError
 from ddpm_landmarks.evaluation import visualize
@@ -220,7 +221,8 @@ def analyse(analysed: AnalysedModel, data_cfg: DataConfig, split: str, out_dir: 
     for start in range(0, count, cfg.batch_size):
         samples = [images[i] for i in range(start, min(count, start + cfg.batch_size))]
         moved = [transform(s) for s in samples]
-        batch = torch.from_numpy(np.stack([t.image * 2.0 - 1.0 for t in moved]))[:, None]
+        batch = torch.from_numpy(np.stack([to_model_input(t.image, grid.intensity_norm)
+                                           for t in moved]))[:, None]
         saliency = input_saliency(analysed.output, batch.float().to(device)).cpu().numpy()
         for sample, t, s in zip(samples, moved, saliency):
             try:

@@ -119,10 +119,10 @@ def labelled_batch(data: DataConfig, fewshot: FewShotConfig, heatmap: HeatmapCon
     the model grid, without augmentation."""
     from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
     from ddpm_landmarks.data.registry import build_dataset
-    from ddpm_landmarks.data.splits import make_fewshot_split
-    pool = build_dataset(data).split(data.train_split)
+    from ddpm_landmarks.data.splits import dataset_fewshot_split
     try:
-        ids = make_fewshot_split(pool.ids, fewshot).train_ids
+        split, pool, _ = dataset_fewshot_split(build_dataset(data), data.train_split, fewshot)
+        ids = split.train_ids
     except ValueError as err:
         raise ConfigError(f"fewshot: {err}") from None
     items = HeatmapDataset(pool.subset(ids), data, AugmentConfig(flip_prob=0.0), heatmap,

@@ -95,3 +95,31 @@ def test_intensity_does_not_move_landmarks():
     np.testing.assert_array_equal(a.to_original, b.to_original)
     assert not np.allclose(a.image, b.image)
     assert b.image.dtype == np.float32 and 0.0 <= b.image.min() and b.image.max() <= 1.0
+
+
+def test_model_input_fixed_and_minmax_by_hand():
+    image = np.array([[0.2, 0.4], [0.6, 0.3]], np.float32)
+    assert np.allclose(ops.to_model_input(image, "fixed"), [[-0.6, -0.2], [0.2, -0.4]])
+    # min-max: (x - 0.2) / 0.4, then to [-1, 1]
+    assert np.allclose(ops.to_model_input(image, "minmax"), [[-1.0, 0.0], [1.0, -0.5]], atol=1e-6)
+    assert np.array_equal(ops.to_model_input(np.full((2, 2), 0.7, np.float32), "minmax"),
+                          np.full((2, 2), -1.0, np.float32))       # constant: 0, not NaN
+    with pytest.raises(ValueError, match="unknown intensity_norm 'zscore'"):
+        ops.to_model_input(image, "zscore")
+
+
+def test_heatmap_dataset_minmax_spans_the_whole_range(tmp_path):
+    import cv2
+
+    from ddpm_landmarks.config.common import HeatmapConfig
+    from ddpm_landmarks.data.heatmap_dataset import HeatmapDataset
+    from ddpm_landmarks.data.sample import LandmarkDataset, Record
+    path = tmp_path / "a.png"
+    cv2.imwrite(str(path), np.repeat(np.array([60, 180], np.uint8), [15, 15])[:, None]
+                .repeat(40, axis=1))                       # top half 60, bottom half 180
+    ds = LandmarkDataset("t", [Record("a", path, np.array([[10.0, 12.0]]))], 1)
+    for norm, lo, hi in (("fixed", 60 / 255 * 2 - 1, 180 / 255 * 2 - 1), ("minmax", -1, 1)):
+        data = DataConfig(image_size=32, intensity_norm=norm)
+        item = HeatmapDataset(ds, data, AugmentConfig(), HeatmapConfig(), train=False)[0]
+        assert item["image"].min().item() == pytest.approx(lo, abs=0.02)
+        assert item["image"].max().item() == pytest.approx(hi, abs=0.02)

@@ -1,6 +1,7 @@
 """Few-shot budgets: seeded draws, validation policies, saving and loading."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -147,3 +148,16 @@ def test_calibration_draw_avoids_the_split_and_is_seeded():
         draw_calibration(POOL[:60], POOL[:60], None, seed=0)
     with pytest.raises(ValueError, match="positive integer"):
         draw_calibration(POOL, seen, 0, seed=0)
+def test_val_policy_split_takes_another_split_and_refuses_overlap():
+    pool = [f"{i:03d}" for i in range(1, 131)]
+    val = [f"{i:03d}" for i in range(131, 151)]
+    cfg = FewShotConfig(budget=5, policy="first_n", val_policy="split", val_split="released_val")
+    split = make_fewshot_split(pool, cfg, val)
+    assert split.train_ids == pool[:5] and split.val_ids == val and split.val_count == 20
+    assert "the 20 images of split 'released_val'" in split.policy
+    whole = make_fewshot_split(pool, dataclasses.replace(cfg, budget=None), val)
+    assert whole.train_ids == pool                     # N = all: nothing held out of the pool
+    with pytest.raises(ValueError, match="shares 1 images with the training pool"):
+        make_fewshot_split(pool, cfg, val + ["001"])
+    with pytest.raises(ValueError, match="needs the images of val_split"):
+        make_fewshot_split(pool, cfg)

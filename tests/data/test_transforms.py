@@ -314,3 +314,20 @@ def test_random_affine_is_seeded_and_about_the_centre():
     np.testing.assert_array_equal(a, random_affine_matrix(np.random.default_rng(3), cfg, 64))
     np.testing.assert_allclose(apply_matrix(a, [[31.5, 31.5]]), [[31.5, 31.5]], atol=1e-9)
     np.testing.assert_allclose(a[2], [0, 0, 1])
+
+
+def test_affine_prob_and_replicate_border():
+    """affine_prob: the share of images that get the affine (identity otherwise); border
+    replicate fills outside the image with its edge, not 0 (the released ShiftScaleRotate)."""
+    from ddpm_landmarks.data.transforms import random_affine_matrix, warp_image
+    rng = np.random.default_rng(0)
+    cfg = AugmentConfig(rotation_deg=2.0, scale=(1.0, 1.0), translate=0.02, affine_prob=0.5)
+    identity = [np.array_equal(random_affine_matrix(rng, cfg, 64), np.eye(3)) for _ in range(400)]
+    assert 0.4 < np.mean(identity) < 0.6
+    always = AugmentConfig(rotation_deg=2.0, affine_prob=1.0)
+    assert not np.array_equal(random_affine_matrix(np.random.default_rng(0), always, 64),
+                              np.eye(3))
+    image = np.full((20, 20), 0.5, np.float32)
+    shift = np.array([[1.0, 0, 5], [0, 1, 0], [0, 0, 1]])          # 5 px to the right
+    assert warp_image(image, shift, 20)[:, :5].max() == 0.0
+    assert np.allclose(warp_image(image, shift, 20, "replicate"), 0.5)

@@ -189,3 +189,29 @@ def test_export_overwrites_atomically(tmp_path):
     assert config == {"version": 2}
     for (name, a), b in zip(method.model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for the U-Net: records what the loss feeds it, predicts zero noise."""
+
+    def forward(self, x_t, t):
+        self.x_t, self.t = x_t.detach().clone(), t.detach().clone()
+        return type("Out", (), {"sample": torch.zeros_like(x_t)})()
+
+
+def test_min_timestep_and_unit_image_range_as_the_released_code():
+    """t from [min_timestep, T); image_range=unit diffuses (x + 1) / 2: for x = -1 everywhere,
+    x_t differs from the signed one by exactly -sqrt(alpha_bar_t) (same noise, same t)."""
+    method = DDPMMethod(_cfg(num_train_timesteps=3, min_timestep=1))
+    rec, batch = _Recorder(), -torch.ones(64, 1, 4, 4)
+    method.loss(rec, batch, torch.Generator().manual_seed(0))
+    assert set(rec.t.tolist()) == {1, 2}                 # never 0, both others drawn
+    signed_x_t, t = rec.x_t, rec.t
+    unit = DDPMMethod(_cfg(num_train_timesteps=3, min_timestep=1, image_range="unit"))
+    unit.loss(rec, batch, torch.Generator().manual_seed(0))
+    assert torch.equal(rec.t, t)
+    alpha_bar = unit.scheduler.alphas_cumprod[t].float()
+    assert torch.allclose(signed_x_t - rec.x_t, -alpha_bar.sqrt().view(-1, 1, 1, 1).expand_as(
+        rec.x_t), atol=1e-6)
+    with pytest.raises(ValueError, match="min_timestep=3 must be in"):
+        DDPMMethod(_cfg(num_train_timesteps=3, min_timestep=3))

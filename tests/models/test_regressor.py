@@ -191,3 +191,25 @@ def test_fits_gaussian_heatmap(export):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 5, losses
+
+
+def test_input_range_follows_the_pretraining_and_is_saved(export, tmp_path):
+    """An export diffused in [0, 1] (diffusion.image_range=unit) gets (x + 1) / 2 as input;
+    the resolved range is what the saved regressor records."""
+    import shutil
+
+    import yaml
+    unit_export = tmp_path / "export"
+    shutil.copytree(export[0], unit_export)
+    (unit_export / "ddpm_landmarks_config.yaml").write_text(
+        yaml.safe_dump({"diffusion": {"image_range": "unit"}}))
+    x = images()
+    signed = seeded(cfg(export))
+    assert signed.cfg.input_range == "signed"            # no config saved: signed
+    unit = seeded(RegressorConfig(init="pretrained", pretrained_path=str(unit_export)))
+    assert unit.cfg.input_range == "unit"
+    with torch.no_grad():
+        assert torch.allclose(unit(x), signed((x + 1) / 2), atol=1e-6)
+    save_regressor(unit, tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(load_regressor(tmp_path / "saved")(x), unit(x))
