@@ -139,7 +139,7 @@ class UncertaintyConfig:
     tta_translate: float = ranged(0.02, "[0, 1]")  # fraction of the model grid
     tta_flip: bool = True               # + the mirrored image (datasets with a permutation)
     tta_seed: int = ranged(0, ">= 0")
-    alphas: list[float] = field(default_factory=lambda: [0.1, 0.05])   # miscoverage levels
+    alphas: list[float] = ranged([0.1, 0.05], "(0, 1)")   # miscoverage levels
     # A point is flagged when its radius exceeds this; None = the dataset's smallest SDR
     # threshold (2 mm on ISBI). The same default sets the "large error" of the AUROC.
     flag_radius: Optional[float] = ranged(None, "> 0")

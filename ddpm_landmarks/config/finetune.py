@@ -32,7 +32,7 @@ class ReleasedUnetConfig:
     Unet(dim=256, dim_mults=(1, 2, 4, 8), self_condition=True, resnet_block_groups=4,
     att_heads=4, att_res=32). Other values are for tests and CPU runs only."""
     dim: int = ranged(256, ">= 8")      # base width (the released code ties it to the image size)
-    dim_mults: tuple[int, ...] = (1, 2, 4, 8)
+    dim_mults: tuple[int, ...] = ranged((1, 2, 4, 8), ">= 1")
     channels: int = ranged(1, ">= 1")
     self_condition: bool = True         # a zero channel next to the image, as released
     resnet_block_groups: int = ranged(4, ">= 1")  # GroupNorm groups (the released config's "res_blocks")

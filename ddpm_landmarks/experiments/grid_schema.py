@@ -126,12 +126,13 @@ class CostConfig:
     """--dry-run's assumptions (experiments/cost.py): GPU hours = FLOPs / (peak x efficiency);
     a network is timed on this machine only when a step should take <= max_timed_step_s."""
     gpu: str = "NVIDIA A100"
-    gpu_peak_tflops: float = 156.0      # dense TF32: fp32 runs (cuDNN convolutions use TF32)
-    gpu_peak_tflops_half: float = 312.0  # dense bf16 / fp16
+    # dense TF32: fp32 runs (cuDNN convolutions use TF32)
+    gpu_peak_tflops: float = ranged(156.0, "> 0")
+    gpu_peak_tflops_half: float = ranged(312.0, "> 0")  # dense bf16 / fp16
     # Share of the peak a conv U-Net step reaches (GroupNorm, activations and softmax are
     # memory-bound and not FLOPs; our CPU benchmark reaches 36-56 % of matmul peak).
-    gpu_efficiency: float = 0.35
-    max_timed_step_s: float = 10.0
+    gpu_efficiency: float = ranged(0.35, "(0, 1]")
+    max_timed_step_s: float = ranged(10.0, ">= 0")
 
 
 @dataclass
