@@ -33,13 +33,17 @@ from ddpm_landmarks.training.launch import (
     repeated_to_fill,
     script_main,
 )
+from ddpm_landmarks.training.refine_stage import refine_finetune
 from ddpm_landmarks.training.validation import landmark_validator
 
 log = logging.getLogger(__name__)
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    """Run (or resume) one fine-tuning job; returns the engine's summary."""
+    """Run (or resume) one fine-tuning job; returns the engine's summary. A refinement run
+    (refine.enabled: the local network of a two-stage pipeline) is training/refine_stage.py."""
+    if cfg.refine.enabled:
+        return refine_finetune(cfg)
     launch = Launch.from_env(cfg)
 
     # ------------------------------------------------------------------ data

@@ -125,6 +125,10 @@ def config_key(cfg) -> str:
         data.pop(section, None)
     if not (data.get("curriculum") or {}).get("stages"):
         data.pop("curriculum", None)   # no curriculum: the key it had before the section existed
+    if not (data.get("crops") or {}).get("grid"):
+        data.pop("crops", None)        # whole images: likewise
+    if not (data.get("refine") or {}).get("enabled"):
+        data.pop("refine", None)       # one-stage fine-tuning: likewise
     data["train"] = {k: v for k, v in data["train"].items() if k != "resume"}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 

@@ -15,6 +15,10 @@ model grid and mapped back with the exact inverse matrix: floats in THE FILE's p
 (pixel-centre convention), whatever the file's size and aspect. Confidence = the decoded heatmap
 peak; a landmark without a usable peak has NaN coordinates (empty CSV cells) and confidence 0.
 
+A refinement run (two stages, inference/two_stage.py) cuts its patches from the file itself
+(the file is the "original" grid); `points` are the final points, `stage1` stage 1's, and the
+CSV gets stage1_x, stage1_y columns.
+
 A file that cannot be read (corrupt, empty, not an image) is logged with its name, counted as
 failed, and skipped; the others are still predicted.
 """
@@ -39,6 +43,7 @@ from ddpm_landmarks.data.transforms import (
 from ddpm_landmarks.errors import ConfigError, DataError
 from ddpm_landmarks.evaluation import visualize
 from ddpm_landmarks.evaluation.metrics import csv_text
+from ddpm_landmarks.inference.two_stage import Source
 from ddpm_landmarks.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,7 @@ class ImagePrediction:
     size: tuple[int, int]       # (width, height) of the file
     points: np.ndarray          # (K, 2) float64 in the file's pixels; NaN = no usable peak
     confidence: np.ndarray      # (K,) decoded peak; 0 where missing
+    stage1: Optional[np.ndarray] = None   # (K, 2) stage 1's points (refinement runs)
 
 
 @dataclass
@@ -230,24 +236,34 @@ def predict_folder(run, images: str | Path | Sequence[str | Path], flip_tta: Opt
         raise ConfigError("flip test-time augmentation needs the left/right landmark permutation "
                           f"of the run's dataset, which is not available ({reason}); drop "
                           "--flip-tta or set eval.flip_tta=false")
-    predictor = run.predictor(permutation, tta)
+    two_stage = run.refine is not None
+    predictor = run.two_stage_predictor(permutation, tta) if two_stage else \
+        run.predictor(permutation, tta)
 
     result = PredictResult(root=root, landmark_names=names)
     rel = {p: _relative_name(p, root) for p in files}
     overlay_as = overlay_names(list(rel.values())) if overlay_dir is not None else {}
-    # (path, (w, h), file image if an overlay is drawn else None, model input, model -> file)
-    pending: list[tuple[Path, tuple[int, int], Optional[np.ndarray], torch.Tensor, np.ndarray]] = []
+    # (path, (w, h), file image if an overlay is drawn else None, model input, model -> file,
+    # file image if stage 2 cuts patches from it else None)
+    pending: list[tuple] = []
 
     def flush() -> None:
         if not pending:
             return
-        grid_points, confidence = predictor(torch.stack([item[3] for item in pending]))
-        for (path, wh, image, _, to_file), p, c in zip(pending, grid_points, confidence):
+        images = torch.stack([item[3] for item in pending])
+        if two_stage:
+            sources = [Source(item[5], np.eye(3), item[4], item[1]) for item in pending]
+            out = predictor.predict(images, sources)
+            found = zip(out.final, out.final_peak, out.stage1)
+        else:
+            grid_points, confidence = predictor(images)
+            found = ((map_to_original(p, item[4]), c, None)
+                     for item, p, c in zip(pending, grid_points, confidence))
+        for (path, wh, image, *_), (points, c, stage1) in zip(pending, found):
             name = rel[path]
-            points = map_to_original(p, to_file)
             result.predictions.append(ImagePrediction(
                 name=name, path=path, size=wh, points=points,
-                confidence=np.asarray(c, dtype=np.float64)))
+                confidence=np.asarray(c, dtype=np.float64), stage1=stage1))
             if image is not None:
                 drawn = visualize.overlay(image, pred=points, title=name)
                 result.overlays.append(visualize.write_png(overlay_dir / overlay_as[name], drawn))
@@ -264,7 +280,8 @@ def predict_folder(run, images: str | Path | Sequence[str | Path], flip_tta: Opt
             result.failed.append((rel[path], message))
             continue
         pending.append((path, (image.shape[1], image.shape[0]),
-                        image if overlay_dir is not None else None, tensor, to_file))
+                        image if overlay_dir is not None else None, tensor, to_file,
+                        image if two_stage else None))
         if len(pending) == batch_size:
             flush()
     flush()
@@ -279,15 +296,20 @@ def prediction_rows(result: PredictResult) -> list[list]:
             if not (np.isfinite(x) and np.isfinite(y)):
                 x = y = float("nan")              # missing: both cells empty
                 c = 0.0
-            rows.append([pred.name, k, result.landmark_names[k], float(x), float(y), float(c),
-                         w, h])
+            row = [pred.name, k, result.landmark_names[k], float(x), float(y), float(c), w, h]
+            if pred.stage1 is not None:
+                row += [float(v) for v in pred.stage1[k]]
+            rows.append(row)
     return rows
 
 
 def write_predictions_csv(result: PredictResult, path: str | Path) -> Path:
-    """image,landmark_index,name,x,y,confidence,width,height; coordinates in the file's pixels
-    at full precision (repr), a missing landmark has empty x, y and confidence 0. Atomic."""
-    return atomic_write_text(Path(path), csv_text(CSV_HEADER, prediction_rows(result)))
+    """image,landmark_index,name,x,y,confidence,width,height (+ stage1_x,stage1_y for a
+    refinement run); coordinates in the file's pixels at full precision (repr), a missing
+    landmark has empty x, y and confidence 0. Atomic."""
+    two_stage = any(p.stage1 is not None for p in result.predictions)
+    header = CSV_HEADER + (("stage1_x", "stage1_y") if two_stage else ())
+    return atomic_write_text(Path(path), csv_text(header, prediction_rows(result)))
 
 
 def read_predictions_csv(path: str | Path) -> dict[str, dict]:
