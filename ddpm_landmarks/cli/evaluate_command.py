@@ -3,6 +3,8 @@
 Scores a fine-tuning run on a labelled split: decode with the run's decoder, map to original
 pixels, write metrics.json / per_landmark.csv / predictions.csv and best/worst overlays into
 RUN/eval_<split>/ (or --out), log them to W&B when the run's logger is wandb, print the table.
+A refinement run (two stages) also writes stage 1's into RUN/eval_<split>/stage1/ and
+refine_per_landmark.csv, and prints both tables.
 """
 from __future__ import annotations
 
@@ -23,7 +25,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out_dir = summary["out_dir"]
     title = f"{run.run_dir.name} ({run.weights_dir.name}) on {summary['dataset'].name}" + (
         " + flip TTA" if "_tta" in out_dir.name else "")
-    print(format_summary(summary, title))
+    if "stage1" in summary:            # a refinement run: both stages, side by side
+        print(format_summary(summary["stage1"], f"{title}: stage 1"))
+        print(format_summary(summary, f"{title}: final (refined)"))
+    else:
+        print(format_summary(summary, title))
     print(f"results: {out_dir}")
     log_evaluation(run.cfg.logger, run.run_dir, f"{run.run_dir.name}-eval-{summary['split']}",
                    summary, out_dir)

@@ -13,10 +13,10 @@ the stored -> original and model grid -> original matrices and the original size
 own for `predict`). Refinement of landmark k (iteration i = 1 .. iterations[k]):
   1. a refine.patch_size patch at refine.grid pixels across the image's long side, centred on
      the current point (stage 1's for i = 1), is cut from the stored image (one warp);
-  2. the local network's channel k (channels mode) is its heatmap; with refine.prior_weight w
-     > 0 it is multiplied by the stage-1 heatmap of landmark k resampled onto the patch to the
-     power w (both clamped at 0): context that keeps the point off look-alikes outside stage
-     1's blob;
+  2. the local network's channel k is its heatmap; with refine.prior_weight w > 0 the peak is
+     chosen on the local heatmap times the stage-1 heatmap of landmark k resampled onto the
+     patch to the power w (both clamped at 0) - context that keeps the point off look-alikes
+     outside stage 1's blob - and located on the local heatmap around that peak alone;
   3. the decoded point is mapped back with the patch's exact inverse. No usable peak, or a
      point farther than the displacement limit from stage 1's, keeps the previous point.
 All patches of a batch go through the local network in one forward (chunks of `chunk`).
@@ -107,6 +107,9 @@ class PatchRefiner:
         self.model, self.settings, self.chunk = model, settings, int(chunk)
         self.size, self.grid = int(cfg.refine.patch_size), int(cfg.refine.grid)
         self.prior_weight = float(cfg.refine.prior_weight)
+        # Radius of the local peak the prior chooses: 2 sigma of the local targets.
+        self.window = 2.0 * (cfg.heatmap.sigma if cfg.heatmap.kind == "gaussian"
+                             else cfg.heatmap.disc_radius)
         self.loss_name = cfg.loss.name
         self.region_size = (softmax_region_size(cfg.heatmap, cfg.loss.softmax_threshold)
                             if cfg.loss.name == "softmax_ce" else 1)
@@ -136,6 +139,20 @@ class PatchRefiner:
                     own = 0.5 * (own + torch.flip(mirrored.cpu()[rows, partner], dims=[-1]))
                 out.append(own.float().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.size, self.size), np.float32)
+
+    def apply_prior(self, maps: np.ndarray, priors: np.ndarray) -> np.ndarray:
+        """The local maps (n, P, P) restricted to a disc of radius window around the peak of
+        local x prior^w: the prior picks WHICH peak (context), the local map alone says where
+        it is (a product would pull the point towards stage 1's). Outside the disc: the map's
+        minimum."""
+        score = np.maximum(maps, 0.0) * np.maximum(priors, 0.0) ** self.prior_weight
+        n, h, w = maps.shape
+        peak = score.reshape(n, -1).argmax(axis=1)
+        py, px = np.divmod(peak, w)
+        ys, xs = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
+        inside = (ys - py[:, None, None]) ** 2 + (xs - px[:, None, None]) ** 2 <= self.window ** 2
+        floor = maps.reshape(n, -1).min(axis=1)[:, None, None]
+        return np.where(inside, maps, floor)
 
     def refine(self, stage1_maps: np.ndarray, stage1: np.ndarray, stage1_peak: np.ndarray,
                sources: Sequence[Source], explore: bool = False) -> TwoStageOutput:
@@ -182,7 +199,7 @@ class PatchRefiner:
         maps = self.local_heatmaps(np.stack(patches).astype(np.float32),
                                    np.array([j for _, j in todo]))
         if self.prior_weight > 0:
-            maps = np.maximum(maps, 0.0) * np.maximum(np.stack(priors), 0.0) ** self.prior_weight
+            maps = self.apply_prior(maps, np.stack(priors))
         points, conf = decode(maps[:, None], self.decoder_cfg)
         points, conf = points[:, 0], conf[:, 0]
         for n, (i, j) in enumerate(todo):
