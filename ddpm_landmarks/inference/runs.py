@@ -153,7 +153,8 @@ def _score(test: LandmarkDataset, truths, points, confidence, cfg: FinetuneConfi
 
 def compact(summary: dict) -> dict:
     """The headline numbers of a summary (what metrics.json keeps of stage 1)."""
-    return {k: summary[k] for k in ("unit", "mre", "sd", "median", "sdr", "n", "missed")}
+    return {k: summary[k] for k in ("unit", "mre", "sd", "median", "sdr", "n", "missed",
+                                    "thresholds")}
 
 
 def side_by_side_rows(names: Sequence[str], iterations: Sequence[int], stage1: dict,

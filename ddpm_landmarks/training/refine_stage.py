@@ -111,8 +111,15 @@ def jitter_in_unit(cfg: FinetuneConfig, stage1_errors: np.ndarray | None,
         raise ConfigError("refine.jitter=null estimates the jitter from stage 1's errors on the "
                           "validation images, but this run has none (fewshot.val_policy=none): "
                           "set refine.jitter (in the dataset's unit)")
-    rms = np.sqrt(np.nanmean(stage1_errors ** 2, axis=0))          # (K, 2)
-    return cfg.refine.jitter_scale * np.where(np.isfinite(rms), rms, np.nanmean(rms))
+    if not np.isfinite(stage1_errors).any():
+        raise ConfigError("stage 1 locates no landmark on the validation images, so its errors "
+                          "cannot set the jitter: set refine.jitter (in the dataset's unit)")
+    squared = np.where(np.isfinite(stage1_errors), stage1_errors ** 2, np.nan)
+    seen = np.isfinite(squared).any(axis=0)
+    rms = np.sqrt(np.nanmean(np.where(seen, squared, 0.0), axis=0))            # (K, 2)
+    # A landmark stage 1 never located on them: the mean over the others.
+    rms = np.where(seen, rms, np.sqrt(np.nanmean(squared)))
+    return cfg.refine.jitter_scale * rms
 
 
 def signed_errors(points: np.ndarray, truths, scales: np.ndarray) -> np.ndarray:
@@ -149,7 +156,9 @@ def refine_finetune(cfg: FinetuneConfig) -> dict:
     k = dataset.num_landmarks
 
     # -------------------------------------------------------- stage 1 on the validation images
+    # Decoded without abstaining, as validation does: every landmark gets a stage-1 point.
     stage1_predictor = stage1.predictor()
+    stage1_predictor.decoder_cfg = never_abstain(stage1_predictor.decoder_cfg)
     settings = RefineSettings.uniform(k, cfg.refine.iterations)
     val_errors = None
     if val is not None:
