@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
+import cv2
 import numpy as np
 import torch
 
@@ -34,6 +35,7 @@ from ddpm_landmarks.data.transforms import (
     apply_matrix,
     original_to_stored_matrix,
     random_affine_matrix,
+    resize_matrix,
     scale_matrix,
     translation_matrix,
     warp_image,
@@ -67,6 +69,23 @@ def cut_patch(image: np.ndarray, image_to_original: np.ndarray, original_to_patc
     """float32 (size, size) patch of `image` (stored pixels) through one warp (antialiased when
     the patch is coarser than the image; 0 outside the image)."""
     return warp_image(image, original_to_patch @ image_to_original, size)
+
+
+def on_patch_grid(image: np.ndarray, image_to_original: np.ndarray,
+                  original_wh: Sequence[float], grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image, its exact map to original pixels), area-resized to about the patch grid when the
+    grid is coarser than the image: one antialiasing resize per image instead of one per patch
+    (warp_image would resize the whole image for every patch). Finer grids: unchanged."""
+    pixel = patch_pixel(original_wh, grid)
+    h, w = image.shape[:2]
+    # Original pixels per image pixel along each image axis, over original px per patch pixel.
+    factors = np.minimum(1.0, np.linalg.norm(image_to_original[:2, :2], axis=0) / pixel)
+    size = (max(1, int(round(w * factors[0]))), max(1, int(round(h * factors[1]))))
+    if size == (w, h):
+        return image, image_to_original
+    resized = cv2.resize(np.ascontiguousarray(image, dtype=np.float32), size,
+                         interpolation=cv2.INTER_AREA)
+    return resized, image_to_original @ np.linalg.inv(resize_matrix((w, h), size, "stretch"))
 
 
 class PatchDataset(ItemRandomness, torch.utils.data.Dataset):
@@ -104,15 +123,19 @@ class PatchDataset(ItemRandomness, torch.utils.data.Dataset):
         if not self.items:
             raise ValueError(f"{dataset.name}: no labelled landmark to cut a patch around")
         self.seed = int(seed)
-        self._samples: dict[int, LandmarkSample] = {}
+        # image index -> (sample, image on the patch grid, its map to original pixels)
+        self._cache: dict[int, tuple[LandmarkSample, np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def _sample(self, image_index: int) -> LandmarkSample:
-        if image_index not in self._samples:
-            self._samples[image_index] = self.dataset[image_index]
-        return self._samples[image_index]
+    def _sample(self, image_index: int) -> tuple[LandmarkSample, np.ndarray, np.ndarray]:
+        if image_index not in self._cache:
+            sample = self.dataset[image_index]
+            image, to_original = on_patch_grid(sample.image, stored_to_original(sample),
+                                               sample.original_size, self.grid)
+            self._cache[image_index] = (sample, image, to_original)
+        return self._cache[image_index]
 
     def __getitem__(self, index: int) -> dict:
         return self.item(int(index), self.item_rng(index) if self.train else None)
@@ -120,7 +143,7 @@ class PatchDataset(ItemRandomness, torch.utils.data.Dataset):
     def item(self, index: int, rng: Optional[np.random.Generator]) -> dict:
         """Item `index` with the randomness of `rng` (None: no jitter, no augmentation)."""
         image_index, landmark = self.items[index]
-        sample = self._sample(image_index)
+        sample, grid_image, grid_to_original = self._sample(image_index)
         pixel = patch_pixel(sample.original_size, self.grid)
         centre = sample.landmarks[landmark].copy()
         matrix = None
@@ -130,7 +153,7 @@ class PatchDataset(ItemRandomness, torch.utils.data.Dataset):
         to_patch = patch_matrix(centre, pixel, self.size)
         if matrix is not None:
             to_patch = matrix @ to_patch
-        image = cut_patch(sample.image, stored_to_original(sample), to_patch, self.size)
+        image = cut_patch(grid_image, grid_to_original, to_patch, self.size)
         if rng is not None:
             image = random_intensity(image, rng, self.augment)
         points = apply_matrix(to_patch, sample.landmarks)

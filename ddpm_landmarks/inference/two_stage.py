@@ -37,6 +37,7 @@ import torch
 
 from ddpm_landmarks.data.patches import (
     cut_patch,
+    on_patch_grid,
     patch_matrix,
     patch_pixel,
     stored_to_original,
@@ -170,6 +171,9 @@ class PatchRefiner:
         last_matrix = np.full((b, k, 3, 3), np.nan)
         last_maps = np.full((b, k, self.size, self.size), np.nan, dtype=np.float32)
         final, final_peak = stage1.copy(), peak.copy()
+        # Each image once on the patch grid: no antialiasing resize per patch.
+        sources = [Source(*on_patch_grid(s.image, s.to_original, s.original_wh, self.grid),
+                          s.model_to_original, s.original_wh) for s in sources]
         for it in range(int(wanted.max(initial=0))):
             todo = [(i, j) for i in range(b) for j in range(k)
                     if (explore or wanted[j] > it) and np.isfinite(current[i, j]).all()]
