@@ -16,7 +16,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ddpm_landmarks.studies.paired_comparison import write_comparison
 
     try:
-        result = write_comparison(Path(args.runs_dir), args.a, args.b, args.dataset, args.out)
+        write_comparison(Path(args.runs_dir), args.a, args.b, args.dataset, args.out)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(str(err)) from None
     out = Path(args.out) if args.out else Path(args.runs_dir) / "report"

@@ -42,6 +42,10 @@ class RegressorConfig:
     imagenet_weights: str = ""          # init=imagenet offline: encoder state-dict file / folder
     gray_adapter: Literal["repeat", "in_channels", "colorize"] = "repeat"
     input_norm: Literal["auto", "imagenet", "none"] = "auto"   # encoder input normalisation
+    # ddpm_unet only, set by refinement runs with refine.landmark_input=embedding: the number
+    # of landmark classes embedded into the time embedding (one output channel, the landmark
+    # index an input); 0 = none (one output channel per landmark).
+    landmark_embedding: int = 0
 
 
 # Fields of RegressorConfig that change the body's parameters, per source arch.
@@ -117,8 +121,12 @@ class RefineConfig:
     # validation images (held-out training images) per axis, times jitter_scale.
     jitter: Optional[float] = None
     jitter_scale: float = 1.0
-    # Supervised channels of a patch: own = only the landmark the patch is cut for; visible =
-    # every landmark inside the patch (the others are masked out of the loss).
+    # Which landmark a patch is for: channels = K output channels, the patch's read (and
+    # supervised); embedding = the landmark index as an input (a learned embedding added to the
+    # DDPM U-Net's time embedding, zero at the start) and one output channel.
+    landmark_input: Literal["channels", "embedding"] = "channels"
+    # Supervised channels of a patch (channels mode): own = only the landmark the patch is cut
+    # for; visible = every landmark inside the patch (the others are masked out of the loss).
     supervise: Literal["own", "visible"] = "own"
     iterations: int = 1                 # re-centre on the refined point and refine again
     # Context against look-alikes (inference): the local heatmap times the stage-1 heatmap

@@ -16,7 +16,8 @@ PatchDataset: the training items of the local network, one per (labelled image, 
 the patch cut around the ground truth moved by a random jitter (the stage-1 error it must
 undo), rotated / scaled / sheared about its centre (the augment section; its translation is
 replaced by the jitter), with intensity augmentation, and the heatmap targets of the landmarks
-on it (only the patch's own landmark, or every visible one, supervised: `supervise`).
+on it (only the patch's own landmark, or every visible one, supervised: `supervise`), or with
+own_channel_only just the patch's landmark as one channel (a landmark-conditioned network).
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ class PatchDataset(ItemRandomness, torch.utils.data.Dataset):
     def __init__(self, dataset: LandmarkDataset, aug_cfg: AugmentConfig,
                  heatmap_cfg: HeatmapConfig, patch_size: int, grid: int,
                  jitter_px: np.ndarray, supervise: str = "own", train: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, own_channel_only: bool = False):
         if aug_cfg.flip_prob > 0:
             raise ValueError("refinement patches are never flipped (a flip changes which "
                              "landmark a patch shows); set augment.flip_prob=0")
@@ -110,6 +111,7 @@ class PatchDataset(ItemRandomness, torch.utils.data.Dataset):
         self.dataset = dataset
         self.size, self.grid = int(patch_size), int(grid)
         self.heatmap_cfg, self.supervise, self.train = heatmap_cfg, supervise, train
+        self.own_channel_only = own_channel_only
         # The jitter is the translation: the affine only rotates / scales / shears the patch.
         self.augment = dataclasses.replace(aug_cfg, translate=0.0)
         self.jitter_px = np.asarray(jitter_px, dtype=np.float64)
@@ -160,6 +162,9 @@ class PatchDataset(ItemRandomness, torch.utils.data.Dataset):
         heatmaps, mask = make_targets(points, (self.size, self.size), self.heatmap_cfg)
         if self.supervise == "own":
             mask = mask & (np.arange(len(mask)) == landmark)
+        if self.own_channel_only:
+            keep = slice(landmark, landmark + 1)
+            heatmaps, mask, points = heatmaps[keep], mask[keep], points[keep]
         return {
             "image": torch.from_numpy(image.astype(np.float32) * 2.0 - 1.0).unsqueeze(0),
             "heatmaps": torch.from_numpy(heatmaps),

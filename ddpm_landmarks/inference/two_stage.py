@@ -106,6 +106,7 @@ class PatchRefiner:
             raise ValueError("flip test-time augmentation needs the dataset's left/right landmark "
                              "permutation; this dataset has none (set eval.flip_tta=false)")
         self.model, self.settings, self.chunk = model, settings, int(chunk)
+        self.conditioned = getattr(getattr(model, "cfg", None), "landmark_embedding", 0) > 0
         self.size, self.grid = int(cfg.refine.patch_size), int(cfg.refine.grid)
         self.prior_weight = float(cfg.refine.prior_weight)
         # Radius of the local peak the prior chooses: 2 sigma of the local targets.
@@ -130,16 +131,24 @@ class PatchRefiner:
                 x = torch.from_numpy(patches[start:start + self.chunk] * 2.0 - 1.0)[:, None]
                 x = x.to(self.device, torch.float32)
                 ks = torch.as_tensor(landmarks[start:start + self.chunk], dtype=torch.long)
-                rows = torch.arange(len(ks))
-                maps = outputs_to_heatmaps(self.model(x), self.loss_name, self.region_size)
-                own = maps.cpu()[rows, ks]
+                own = self._channel(x, ks)
                 if self.flip_tta:
-                    mirrored = outputs_to_heatmaps(self.model(torch.flip(x, dims=[-1])),
-                                                   self.loss_name, self.region_size)
                     partner = torch.as_tensor([self.permutation[int(k)] for k in ks])
-                    own = 0.5 * (own + torch.flip(mirrored.cpu()[rows, partner], dims=[-1]))
+                    mirrored = self._channel(torch.flip(x, dims=[-1]), partner)
+                    own = 0.5 * (own + torch.flip(mirrored, dims=[-1]))
                 out.append(own.float().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.size, self.size), np.float32)
+
+    def _channel(self, x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+        """(n, P, P) heatmaps of landmarks ks: channel k of the K outputs, or the one output of
+        a landmark-conditioned network given k."""
+        if self.conditioned:
+            out = self.model(x, ks.to(x.device))
+            ks = torch.zeros_like(ks)
+        else:
+            out = self.model(x)
+        maps = outputs_to_heatmaps(out, self.loss_name, self.region_size).cpu()
+        return maps[torch.arange(len(ks)), ks]
 
     def apply_prior(self, maps: np.ndarray, priors: np.ndarray) -> np.ndarray:
         """The local maps (n, P, P) restricted to a disc of radius window around the peak of

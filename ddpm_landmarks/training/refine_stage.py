@@ -172,15 +172,21 @@ def refine_finetune(cfg: FinetuneConfig) -> dict:
              ", ".join(f"{a:.2f}/{b:.2f}" for a, b in jitter))
 
     # ------------------------------------------------------------------ local network
+    embedding = cfg.refine.landmark_input == "embedding"
+    if embedding and cfg.model.arch != "ddpm_unet":
+        raise ConfigError(f"refine.landmark_input=embedding needs model.arch=ddpm_unet (the "
+                          f"index is embedded with the time step), not {cfg.model.arch}")
     try:
         patches = PatchDataset(train, cfg.augment, cfg.heatmap, cfg.refine.patch_size,
                                cfg.refine.grid, jitter_px, cfg.refine.supervise, train=True,
-                               seed=cfg.train.seed + 7919 * launch.rank)
+                               seed=cfg.train.seed + 7919 * launch.rank,
+                               own_channel_only=embedding)
     except ValueError as err:
         raise ConfigError(f"refine: {err}") from None
     set_seed(cfg.train.seed)
+    model_cfg = dataclasses.replace(cfg.model, landmark_embedding=k if embedding else 0)
     try:
-        model = build_regressor(cfg.model, k, cfg.refine.patch_size)
+        model = build_regressor(model_cfg, 1 if embedding else k, cfg.refine.patch_size)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"model: {err}") from None
     head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr

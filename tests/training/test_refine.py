@@ -133,3 +133,32 @@ def test_refinement_run_resumes_and_refuses_mismatches(two_stage, tmp_path):
     assert "refinement run" in refused(stage1=run_dir)
     assert "refine.stage1" in refused(stage1=tmp_path / "nothing")
     assert "refine.stage1" in refused("refine.stage1=")
+
+
+def test_landmark_index_as_input_variant(two_stage, tmp_path):
+    """refine.landmark_input=embedding: one output channel and the landmark index embedded with
+    the time step; it trains through the same engine, saves, loads and refines."""
+    import torch
+
+    root, out, stage1_dir, _ = two_stage
+    reset_accelerate_state()
+    finetune(load_config(FINETUNE, refine_overrides(
+        root, tmp_path, stage1_dir, **{"run.name": "emb", "refine.landmark_input": "embedding",
+                                       "train.max_steps": 10, "train.eval_every": 10}),
+        cls=FinetuneConfig))
+    run = load_trained_run(tmp_path / "emb", device="cpu")
+    local = run.refine.model
+    assert local.num_landmarks == 1 and local.cfg.landmark_embedding == 6
+    assert local.unet.class_embedding.weight.abs().sum() > 0        # trained from zero
+    x = torch.zeros(2, 1, 24, 24)
+    with torch.no_grad():
+        a, b = local(x, torch.tensor([0, 0])), local(x, torch.tensor([0, 3]))
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
+    summary = evaluate_run(run, "test1", tmp_path / "eval")
+    assert np.isfinite(summary["mre"]) and "stage1" in summary
+    reset_accelerate_state()
+    with pytest.raises(ConfigError, match="landmark_input=embedding"):
+        finetune(load_config(FINETUNE, refine_overrides(
+            root, tmp_path, stage1_dir, **{"run.name": "emb2", "refine.landmark_input":
+                                           "embedding", "model.arch": "smp_unet"}),
+            cls=FinetuneConfig))
