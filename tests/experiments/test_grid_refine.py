@@ -143,3 +143,12 @@ def test_report_rows_per_stage(tmp_path):
     assert groups["final"]["mre_sd_over_seeds"] == pytest.approx(np.sqrt(0.02))
     md = (tmp_path / "report" / "summary.md").read_text()
     assert "| ds | a | 10 | 2/2 | 2.50 ± 0.71 | 1.60 ± 0.14 | 50.0 ± 0.0 | 80.0 ± 0.0 |" in md
+
+
+def test_dry_run_counts_the_refinement_runs(tmp_path, capsys):
+    from ddpm_landmarks.cli.main import main as cli_main
+    path = experiment(tmp_path, tmp_path / "syn")
+    assert cli_main(["grid", str(path), "--dry-run", "--only", "scratch"]) == 0
+    out = capsys.readouterr().out
+    assert "| refine | synthetic-scratch-N8-s0:refine | 6 |" in out
+    assert "16 px patches, patch" in out
