@@ -85,6 +85,22 @@ def test_stage2_lowers_the_error_of_a_coarse_stage1(two_stage, capsys):
     assert [int(r["iterations"]) for r in rows] == info["iterations"]
 
 
+def test_evaluation_logs_both_stages_to_wandb_offline(two_stage, monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    _, _, _, run_dir = two_stage
+    assert cli_main(["evaluate", str(run_dir), "--split", "test1", "--device", "cpu",
+                     "--out", str(tmp_path / "eval"), "logger.kind=wandb",
+                     "logger.wandb_mode=offline"]) == 0
+    import wandb
+    wandb.teardown()                   # flushes the offline record (as the CLI's exit does)
+    records = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert records
+    logged = max(records, key=lambda p: p.stat().st_mtime).read_bytes()
+    assert b"eval/stage1/mre" in logged and b"eval/refine_per_landmark" in logged
+    assert b"eval/mre" in logged
+
+
 def test_predict_writes_both_stages_and_agrees_with_evaluate(two_stage, tmp_path):
     root, _, _, run_dir = two_stage
     run = load_trained_run(run_dir, device="cpu")
