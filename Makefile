@@ -38,6 +38,7 @@ bench-pretrain: install
 
 bench-finetune: install
 	$(BIN)/python experiments/bench/bench_finetune.py
+	$(BIN)/python experiments/bench/bench_refine.py
 
 bench: bench-pretrain bench-finetune
 

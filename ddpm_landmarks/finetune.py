@@ -36,6 +36,7 @@ from ddpm_landmarks.training.launch import (
     repeated_to_fill,
     script_main,
 )
+from ddpm_landmarks.training.refine_stage import refine_finetune
 from ddpm_landmarks.training.validation import landmark_validator
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,10 @@ def check_resumed_landmarks(data: CheckpointData, num_landmarks: int) -> None:
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    """Run (or resume) one fine-tuning job; returns the engine's summary."""
+    """Run (or resume) one fine-tuning job; returns the engine's summary. A refinement run
+    (refine.enabled: the local network of a two-stage pipeline) is training/refine_stage.py."""
+    if cfg.refine.enabled:
+        return refine_finetune(cfg)
     with Launch.from_env(cfg) as launch:
         check_run_inputs(cfg)              # every image decodes, landmarks, spacing
 

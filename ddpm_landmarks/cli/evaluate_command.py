@@ -8,6 +8,8 @@ Also the uncertainty report (uncertainty.json, sparsification.png; coverage and 
 run's calibration.json, see `ddpm-landmarks calibrate`).
 --convention released scores as the released code of Di Via et al. does
 (evaluation/released_convention.py), into RUN/eval_<split>_released/, labelled so.
+A refinement run (two stages) also writes stage 1's into RUN/eval_<split>/stage1/ and
+refine_per_landmark.csv, and prints both tables.
 """
 from __future__ import annotations
 
@@ -31,7 +33,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     title = f"{run.run_dir.name} ({run.weights_dir.name}) on {summary['dataset'].name}" + (
         " + flip TTA" if "_tta" in out_dir.name else "") + (
         ", RELEASED CODE'S CONVENTION" if args.convention == "released" else "")
-    print(format_summary(summary, title))
+    if "stage1" in summary:            # a refinement run: both stages, side by side
+        print(format_summary(summary["stage1"], f"{title}: stage 1"))
+        print(format_summary(summary, f"{title}: final (refined)"))
+    else:
+        print(format_summary(summary, title))
     if "uncertainty" in summary:       # our convention only
         print(format_uncertainty(summary["uncertainty"]))
     print(f"results: {out_dir}")

@@ -13,10 +13,10 @@ import argparse
 
 def cmd_grid(args: argparse.Namespace) -> int:
     from ddpm_landmarks.experiments.grid import (
-        CELL_STATUS,
         PRETRAIN_STATUS,
         SOURCE_STATUS,
         GridInterrupted,
+        is_done,
         read_status,
         run_grid,
         select_cells,
@@ -31,8 +31,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         from ddpm_landmarks.experiments.cost import estimate, format_estimate
         plan = build_plan(grid)
         plan.cells = select_cells(plan, args.only)
-        done_cells = {c.name for c in plan.cells
-                      if read_status(c.run_dir / CELL_STATUS).get("status") == "done"}
+        done_cells = {c.name for c in plan.cells if is_done(c)}
         done_pre = {p.name for p in plan.pretrainings
                     if read_status(p.run_dir / PRETRAIN_STATUS).get("status") == "done"}
         done_src = {s.name for s in plan.sources

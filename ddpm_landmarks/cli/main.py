@@ -8,6 +8,7 @@ from ddpm_landmarks.cli import (
     attention_command,
     calibrate_command,
     classify_command,
+    compare_command,
     data_commands,
     evaluate_command,
     grid_command,
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_command.add_parser(subparsers)
     grid_command.add_parser(subparsers)
     report_command.add_parser(subparsers)
+    compare_command.add_parser(subparsers)
     classify_command.add_parser(subparsers)       # evaluate-classifier
     rank_sources_command.add_parser(subparsers)
     attention_command.add_parser(subparsers)

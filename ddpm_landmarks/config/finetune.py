@@ -74,6 +74,10 @@ class RegressorConfig:
     # encoder input normalisation; unit = the [0, 1] image without mean / std (the released
     # code's ImageNet and SSL baselines)
     input_norm: Literal["auto", "imagenet", "none", "unit"] = "auto"
+    # ddpm_unet only, set by refinement runs with refine.landmark_input=embedding: the number
+    # of landmark classes embedded into the time embedding (one output channel, the landmark
+    # index an input); 0 = none (one output channel per landmark).
+    landmark_embedding: int = ranged(0, ">= 0")
 
 
 # Fields of RegressorConfig that change the body's parameters, per source arch.
@@ -177,6 +181,48 @@ def resolve_epochs(cfg: "FinetuneConfig", num_images: int, num_processes: int = 
     return dataclasses.replace(cfg, train=train)
 
 
+@dataclass
+class RefineConfig:
+    """Stage 2 of a coarse-to-fine pipeline (training/refine_stage.py, inference/two_stage.py).
+
+    A refinement run fine-tunes a local network on patches cut around each landmark at a finer
+    grid, starting from a finished stage-1 fine-tuning run (`stage1`), on the same labelled
+    images; its own model / loss / heatmap / optim / train sections describe the LOCAL network
+    (heatmap.sigma in patch pixels). The run folder then holds both stages (stage1/ = a copy
+    of the stage-1 regressor, best/ and export/ = the local network, refine.json = the per-
+    landmark choices), and `evaluate` / `predict` run the two stages and report both."""
+    enabled: bool = False
+    stage1: str = ""                    # the stage-1 fine-tuning run folder (or its best/)
+    stage1_weights: Literal["best", "export"] = "best"
+    patch_size: int = ranged(64, ">= 8")  # patch side in pixels
+    # Patch pixels across the long side of the image: one patch pixel = long side / grid
+    # original pixels, isotropic (512 = the stored ISBI images, 0.469 mm; 256 = 0.94 mm).
+    grid: int = ranged(512, ">= 8")
+    # Patch-centre jitter in training: N(0, s^2) per axis around the ground truth, s in the
+    # dataset's unit (mm or px); None = each landmark's RMS error of stage 1 on the
+    # validation images (held-out training images) per axis, times jitter_scale.
+    jitter: Optional[float] = ranged(None, ">= 0")
+    jitter_scale: float = ranged(1.0, ">= 0")
+    # Which landmark a patch is for: channels = K output channels, the patch's read (and
+    # supervised); embedding = the landmark index as an input (a learned embedding added to the
+    # DDPM U-Net's time embedding, zero at the start) and one output channel.
+    landmark_input: Literal["channels", "embedding"] = "channels"
+    # Supervised channels of a patch (channels mode): own = only the landmark the patch is cut
+    # for; visible = every landmark inside the patch (the others are masked out of the loss).
+    supervise: Literal["own", "visible"] = "own"
+    iterations: int = ranged(1, ">= 1")  # re-centre on the refined point and refine again
+    # Context against look-alikes (inference): the local heatmap times the stage-1 heatmap
+    # resampled onto the patch to the power prior_weight (0 = off) ...
+    prior_weight: float = ranged(0.0, ">= 0")
+    # ... and a displacement limit in the dataset's unit: a refined point farther than this
+    # from the stage-1 point keeps the stage-1 point (None = no limit).
+    max_shift: Optional[float] = ranged(None, "> 0")
+    # Per landmark: how many iterations (0 = keep stage 1, up to `iterations`), chosen on the
+    # validation images at the end of training (validation), or every landmark refined `iterations`
+    # times (all).
+    select: Literal["validation", "all"] = "validation"
+
+
 def _finetune_train() -> TrainConfig:
     # Few labelled images: short runs, EMA off by default (best-by-validation instead).
     return TrainConfig(max_steps=1000, batch_size=8, ema=False, ema_decay=0.999,
@@ -198,6 +244,7 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=_finetune_train)
     # Epoch-based schedule (the released code's): resolved into train.max_steps / eval_every.
     epochs: EpochsConfig = field(default_factory=EpochsConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

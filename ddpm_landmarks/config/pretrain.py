@@ -203,6 +203,16 @@ class CurriculumConfig:
 
 
 @dataclass
+class CropConfig:
+    """Pretraining on patches, for the refinement stage's local network: each item is a
+    data.image_size square crop at `grid` pixels across the image's long side (the refinement
+    grid, refine.grid of the fine-tuning; the pool file's own pixels for grid = its long
+    side), centred on a uniformly drawn point of the image, then the augment section's affine
+    about the crop centre. 0 = off: whole images resized to data.image_size."""
+    grid: int = 0
+
+
+@dataclass
 class PretrainConfig:
     # ddpm = diffusion pretraining of a U-Net (model, diffusion, augment sections);
     # simclr | simclr_v2 | moco_v2 | moco_v3 | dino = self-supervised pretraining of an smp
@@ -219,6 +229,7 @@ class PretrainConfig:
     ssl: SSLConfig = field(default_factory=SSLConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    crops: CropConfig = field(default_factory=CropConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

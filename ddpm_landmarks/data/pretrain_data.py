@@ -40,6 +40,7 @@ import torch
 from ddpm_landmarks.config.common import AugmentConfig
 from ddpm_landmarks.data.image_io import read_image
 from ddpm_landmarks.data.intensity import random_intensity, to_model_input
+from ddpm_landmarks.data.patches import random_crop_matrix
 from ddpm_landmarks.data.randomness import ItemRandomness
 from ddpm_landmarks.data.record_checks import check_images
 from ddpm_landmarks.data.transforms import (
@@ -66,11 +67,13 @@ class PretrainImages(ItemRandomness, torch.utils.data.Dataset):
 
     augment=None: only the deterministic resize (for previews and tests); otherwise a random
     affine (rotation / scale / shear / translation, never a flip) and intensity augmentation.
+    crop_grid > 0: instead of the whole image, a random S x S crop at crop_grid pixels across
+    the image's long side (config.pretrain.CropConfig, data/patches.random_crop_matrix).
     """
 
     def __init__(self, pools: MixedPools, image_size: int, resize_mode: str = "stretch",
                  augment: Optional[AugmentConfig] = None, seed: int = 0,
-                 intensity_norm: str = "fixed"):
+                 intensity_norm: str = "fixed", crop_grid: int = 0):
         if augment is not None and augment.flip_prob > 0:
             raise ConfigError(f"augment.flip_prob={augment.flip_prob}: pretraining never flips "
                               "(anatomy has a side); set augment.flip_prob=0")
@@ -88,6 +91,7 @@ class PretrainImages(ItemRandomness, torch.utils.data.Dataset):
         to_model_input(np.zeros((1, 1), np.float32), intensity_norm)   # ValueError if unknown
         self.intensity_norm = intensity_norm
         self.seed = int(seed)
+        self.crop_grid = int(crop_grid)
 
     def __len__(self) -> int:
         return len(self.pools)
@@ -100,7 +104,10 @@ class PretrainImages(ItemRandomness, torch.utils.data.Dataset):
         """float32 (S, S) in [0, 1]: read, resize (area-antialiased), augment with `rng`."""
         image = read_image(self.pools.path(index))   # DataError naming the file if unreadable
         h, w = image.shape
-        matrix = original_to_model_matrix((w, h), self.size, self.resize_mode)
+        if self.crop_grid > 0:
+            matrix = random_crop_matrix(rng, (w, h), self.crop_grid, self.size)
+        else:
+            matrix = original_to_model_matrix((w, h), self.size, self.resize_mode)
         if self.augment is not None:
             matrix = random_affine_matrix(rng, self.augment, self.size) @ matrix
         # One warp for resize + augmentation: a single interpolation, antialiased on shrink.

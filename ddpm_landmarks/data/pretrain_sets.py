@@ -38,6 +38,7 @@ from ddpm_landmarks.data.pretrain_data import (
 from ddpm_landmarks.data.samplers import EpochSampler
 from ddpm_landmarks.data.ssl_views import TwoViewImages
 from ddpm_landmarks.data.unlabeled import MixedPools, image_list_text
+from ddpm_landmarks.errors import ConfigError
 from ddpm_landmarks.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,10 @@ def build_pretrain_images(cfg, seed: Optional[int] = None, views=None
     under accelerate pass seed + process index so that processes augment differently)."""
     pools = build_pretrain_pools(cfg)
     seed = cfg.train.seed if seed is None else seed
+    crop_grid = cfg.crops.grid
+    if crop_grid and (cfg.curriculum.stages or views is not None):
+        raise ConfigError("crops.grid (pretraining on patches) is for DDPM pretraining without "
+                          "a curriculum; set crops.grid=0")
     if cfg.curriculum.stages:
         curriculum = build_curriculum(cfg, pools, seed, views)
         for s in curriculum.stages:
@@ -94,7 +99,8 @@ def build_pretrain_images(cfg, seed: Optional[int] = None, views=None
                                intensity_norm=cfg.data.intensity_norm)
     else:
         images = PretrainImages(pools, cfg.data.image_size, cfg.data.resize_mode, cfg.augment,
-                                seed=seed, intensity_norm=cfg.data.intensity_norm)
+                                 seed=seed, intensity_norm=cfg.data.intensity_norm,
+                                 crop_grid=crop_grid)
     log.info("pretraining on %d images from %d pools", len(images), len(pools.pools))
     return images, {IMAGE_LIST: image_list_text(pools.paths),
                     EXCLUSION_REPORT: exclusion_summary(pools)}

@@ -1,6 +1,7 @@
 """Evaluation results to W&B: a run in the training run's group with the summary numbers (with
 the uncertainty ones: AUROC, coverage, mean radius), the per-landmark table, the per-image
-predictions table, the overlay images and the sparsification plot.
+predictions table, the overlay images and the sparsification plot; for a two-stage run also
+stage 1's numbers (eval/stage1/...) and the side-by-side per-landmark table.
 
 Offline (a local run under run_dir/wandb/) when there is no API key, like training.
 """
@@ -46,13 +47,21 @@ def log_evaluation(logger_cfg, run_dir: Path, name: str, summary: dict,
         values.update({f"sdr@{t:g}": v for t, v in summary["sdr"].items()})
         values.update(uncertainty_values(summary.get("uncertainty")))
         run.summary.update({f"eval/{k}": v for k, v in values.items()})
-        images = {}
+        tables = {"eval/per_landmark": csv_table(wandb, out_dir / "per_landmark.csv"),
+                  "eval/predictions": csv_table(wandb, out_dir / "predictions.csv"),
+                  "eval/overlays": [wandb.Image(str(p), caption=Path(p).stem)
+                                    for p in summary.get("overlays", [])]}
         if (out_dir / "sparsification.png").is_file():
-            images["eval/sparsification"] = wandb.Image(str(out_dir / "sparsification.png"))
-        run.log({"eval/per_landmark": csv_table(wandb, out_dir / "per_landmark.csv"),
-                 "eval/predictions": csv_table(wandb, out_dir / "predictions.csv"),
-                 "eval/overlays": [wandb.Image(str(p), caption=Path(p).stem)
-                                   for p in summary.get("overlays", [])], **images})
+            tables["eval/sparsification"] = wandb.Image(str(out_dir / "sparsification.png"))
+        stage1 = summary.get("stage1")
+        if stage1 is not None:            # a two-stage run: stage 1 next to the final points
+            first = {"mre": stage1["mre"], "sd": stage1["sd"], "median": stage1["median"],
+                     "missed": stage1["missed"]}
+            first.update({f"sdr@{t:g}": v for t, v in stage1["sdr"].items()})
+            run.summary.update({f"eval/stage1/{k}": v for k, v in first.items()})
+            tables["eval/refine_per_landmark"] = csv_table(wandb,
+                                                           out_dir / "refine_per_landmark.csv")
+        run.log(tables)
         return run.dir
     finally:
         run.finish()

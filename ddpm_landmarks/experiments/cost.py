@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm_landmarks.config.finetune import resolve_epochs
 from ddpm_landmarks.errors import DataError
-from ddpm_landmarks.experiments.grid_plan import Cell, Plan
+from ddpm_landmarks.experiments.grid_plan import Cell, Plan, RefineJob
 from ddpm_landmarks.experiments.shared_jobs import Pretraining, SourceJob
 
 PROFILE_STEPS = 2          # timed steps at the job's batch size, after one warm-up
@@ -190,6 +190,20 @@ def training_schedule(job) -> tuple:
     if n is None:
         return cfg.train, f"{epochs.max} epochs of an unknown N: steps as configured"
     return resolve_epochs(cfg, n).train, f"<= {epochs.max} epochs of {n} images"
+def refine_step(job: RefineJob, device: torch.device, batch_size: int) -> Callable[[], None]:
+    """Forward + backward of a refinement run's local network on one batch of patches."""
+    from ddpm_landmarks.models.registry import build_regressor
+    cfg = job.config
+    k = cfg.data.num_landmarks or _DEFAULT_LANDMARKS
+    embedding = cfg.refine.landmark_input == "embedding"
+    preset = job.pretraining.config.model.preset if job.pretraining else cfg.model.preset
+    model_cfg = dataclasses.replace(cfg.model, init="scratch", pretrained_path="", preset=preset,
+                                    landmark_embedding=k if embedding else 0)
+    size = cfg.refine.patch_size
+    model = build_regressor(model_cfg, 1 if embedding else k, size).to(device).train()
+    images = torch.zeros(batch_size, 1, size, size, device=device)
+    landmarks = torch.zeros(batch_size, dtype=torch.long, device=device) if embedding else None
+    return lambda: model(images, landmarks).float().square().mean().backward()
 
 
 def _images(train_cfg, num_processes: int) -> int:
@@ -269,6 +283,13 @@ def estimate(plan: Plan, done_cells: set[str], done_pretrainings: set[str],
                 f"source {cell.source.name}" if cell.source else cell.kind)
         add("cell", cell.name, cell, finetune_key(cell),
             lambda d, b, cell=cell: finetune_step(cell, d, b), cell.name in done_cells, note)
+        if cell.refine is not None:
+            r = cell.refine.config
+            key = ("refine", r.model.arch, r.model.preset, r.refine.patch_size,
+                   r.refine.landmark_input, cell.refine.pretraining is not None)
+            add("refine", f"{cell.name}:refine", cell.refine, key,
+                lambda d, b, job=cell.refine: refine_step(job, d, b), cell.name in done_cells,
+                f"{r.refine.patch_size} px patches, {r.model.preset}")
     return {"rows": rows, "minutes_left": total_minutes, "gpu_hours_left": total_gpu_hours,
             "untimed_left": untimed, "peak_gflops": peaks, "device": str(device),
             "processes": procs, "cost": cost}

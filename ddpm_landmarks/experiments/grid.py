@@ -12,6 +12,8 @@ Layout of <output_dir>/<name>/:
                                  command, config hash, wall time, metrics, or the error of a
                                  failed cell); <hash> is that of the cell's resolved config, so
                                  an edited experiment file re-runs exactly the cells it changes
+        refine-<hash>/           with a refinement stage: the cell's refinement run, scored
+                                 with both stages (cell.json: metrics = final, stage1_metrics)
     job_logs/<job>.log           stdout + stderr of each job run as a process
     report/                      `ddpm-landmarks report` output, refreshed at the end
 
@@ -199,22 +201,40 @@ def run_finetuning(grid: GridConfig, cell: Cell) -> None:
                  grid.grid_dir / "job_logs" / f"{cell.name}.log")
 
 
+def run_refinement(grid: GridConfig, cell: Cell) -> None:
+    """Stage 2 of a cell: its refinement run on the cell's stage-1 run."""
+    if grid.launcher.kind == "inline":
+        from ddpm_landmarks.finetune import finetune
+        _inline(lambda: finetune(cell.refine.config))
+        return
+    _run_process(_module_command(grid, "ddpm_landmarks.finetune", cell.refine.config_path,
+                                 cell.refine.overrides, distributed=True),
+                 grid.grid_dir / "job_logs" / f"{cell.name}.log")
+
+
+def scored_dir(cell: Cell) -> Path:
+    """The run the cell is scored with: the refinement run (both stages) or stage 1."""
+    return cell.refine.run_dir if cell.refine is not None else cell.run_dir
+
+
 def run_evaluation(grid: GridConfig, cell: Cell) -> dict:
-    """Evaluate the cell's best model on cell.eval_split; returns its metrics.json."""
+    """Evaluate the cell's best model (both stages with a refinement) on cell.eval_split;
+    returns its metrics.json."""
+    run_dir = scored_dir(cell)
     if grid.launcher.kind == "inline":
         def evaluate() -> None:
             from ddpm_landmarks.evaluation.wandb_log import log_evaluation
             from ddpm_landmarks.inference.runs import evaluate_run, load_trained_run
-            run = load_trained_run(cell.run_dir)
+            run = load_trained_run(run_dir)
             summary = evaluate_run(run, cell.eval_split)
             log_evaluation(run.cfg.logger, run.run_dir,
                            f"{cell.name}-eval-{cell.eval_split}", summary, summary["out_dir"])
         _inline(evaluate)
     else:
         # One process is plenty for inference, whatever the training launcher.
-        _run_process(_evaluate_command(cell.run_dir, cell.eval_split),
+        _run_process(_evaluate_command(run_dir, cell.eval_split),
                      grid.grid_dir / "job_logs" / f"{cell.name}.log")
-    return json.loads((cell.run_dir / f"eval_{cell.eval_split}" / "metrics.json").read_text())
+    return json.loads((run_dir / f"eval_{cell.eval_split}" / "metrics.json").read_text())
 
 
 def run_mean_shape_cell(grid: GridConfig, cell: Cell) -> dict:
@@ -299,6 +319,8 @@ def run_cell(grid: GridConfig, cell: Cell, index: int, total: int) -> dict:
             for job in cell.dependencies:
                 _ensure_job(grid, job)
             run_finetuning(grid, cell)
+            if cell.refine is not None:
+                run_refinement(grid, cell)
             metrics = run_evaluation(grid, cell)
     except JobFailed as err:
         status = {**record, "status": "failed", "error": str(err),
@@ -309,13 +331,25 @@ def run_cell(grid: GridConfig, cell: Cell, index: int, total: int) -> dict:
     split = read_status(cell.run_dir / "split.json")
     status = {**record, "status": "done", "wall_s": time.time() - started,
               "finished": time.time(), "metrics": _metrics_record(metrics),
-              "train_images": split.get("num_train", cell.budget)}
+              "train_images": split.get("num_train", cell.budget),
+              "eval_dir": str(scored_dir(cell) / f"eval_{cell.eval_split}")}
+    if cell.refine is not None:
+        status.update(stage1_metrics=_metrics_record(metrics.get("stage1", {})),
+                      refine_run_dir=str(cell.refine.run_dir), refine_hash=cell.refine.key)
     write_status(status_path, status)
     mre = metrics.get("mre")          # null when every landmark was missed
     print(f"{label}: done in {status['wall_s']:.0f} s, " + (
         f"MRE {mre:.3f} {metrics['unit']}" if mre is not None else
         f"no landmark found ({metrics.get('missed')} missed)"), flush=True)
     return status
+
+
+def is_done(cell: Cell) -> bool:
+    """Done before, with the stage 2 the plan asks for (a new or changed refinement runs
+    again: stage 1 resumes as finished, the refinement trains)."""
+    status = read_status(cell.run_dir / CELL_STATUS)
+    wanted = cell.refine.key if cell.refine is not None else None
+    return status.get("status") == "done" and status.get("refine_hash") == wanted
 
 
 def select_cells(plan: Plan, only: Optional[str]) -> list[Cell]:
@@ -347,7 +381,7 @@ def run_grid(grid: GridConfig, only: Optional[str] = None, report: bool = True) 
                              {**status, "attempt_of_this_run": False})
         t0 = time.time()
         for i, cell in enumerate(cells, 1):
-            if read_status(cell.run_dir / CELL_STATUS).get("status") == "done":
+            if is_done(cell):
                 outcome["skipped"].append(cell.name)
                 print(f"[grid {i}/{len(cells)}] {cell.name}: done before, skipped", flush=True)
                 continue

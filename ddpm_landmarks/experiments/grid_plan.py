@@ -33,6 +33,7 @@ from ddpm_landmarks.experiments.shared_jobs import (
     config_key,
     logger_overrides,
     plan_pretraining,
+    plan_refine_pretraining,
     plan_source,
 )
 from ddpm_landmarks.models.artifacts import identify, read_meta
@@ -64,6 +65,17 @@ KIND_OVERRIDES: dict[str, list[str]] = {
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
+class RefineJob:
+    """A cell's refinement run (stage 2) on the cell's stage-1 run, in <cell>/refine-<key>/."""
+    config_path: str
+    overrides: list[str]                # complete, in order
+    config: FinetuneConfig              # resolved
+    run_dir: Path
+    key: str                            # of the resolved config: a changed stage 2 re-runs
+    pretraining: Optional[Pretraining] = None    # the local network's (ddpm inits)
+
+
+@dataclass
 class Cell:
     dataset: str
     init: str
@@ -79,11 +91,13 @@ class Cell:
     pretraining: Optional[Pretraining] = None
     source: Optional[SourceJob] = None
     config_hash: str = ""               # of the resolved config (shared_jobs.config_key)
+    refine: Optional[RefineJob] = None  # stage 2, when the grid has one
 
     @property
     def dependencies(self) -> list:
         """The shared jobs that must be done before the cell runs."""
-        return [job for job in (self.pretraining, self.source) if job is not None]
+        jobs = (self.pretraining, self.source, self.refine.pretraining if self.refine else None)
+        return [job for job in jobs if job is not None]
 
     @property
     def key(self) -> dict:
@@ -196,6 +210,51 @@ def resolve_init(grid: GridConfig, init: str, dataset: str, ds: DatasetSpec, job
     return InitResolution(kind, overrides, job, source)
 
 
+def resolve_refine(grid: GridConfig, init: str, stage1: InitResolution,
+                   jobs: SharedJobs) -> Optional[InitResolution]:
+    """The overrides (and shared pretraining) of the init's refinement runs; None without a
+    refinement stage or for the mean shape."""
+    if not grid.refine.finetune or stage1.kind == "mean_shape":
+        return None
+    spec = grid.inits[init]
+    job, export, pretrain_cfg = None, None, None
+    if stage1.kind == "ddpm":
+        job = plan_refine_pretraining(grid, init, spec, jobs)
+        export = job.run_dir / "export"
+    elif stage1.pretraining is not None:        # SSL kinds: stage 1's encoder on patches
+        export = stage1.pretraining.run_dir / spec.pretrain_weights
+        pretrain_cfg = stage1.pretraining.config
+    overrides = _kind_overrides(stage1.kind, export, pretrain_cfg) + spec.refine_overrides
+    return InitResolution(stage1.kind, overrides, job)
+
+
+def plan_refine_job(grid: GridConfig, cell_name: str, stage1_cfg: FinetuneConfig,
+                    stage1_dir: Path, res: InitResolution, tags: list[str]) -> RefineJob:
+    """A cell's refinement run: the refinement config, the grid's refine.overrides, the init's
+    (res), then stage 1's data grid and few-shot split and the cell's seed and folders."""
+    path = grid.refine.finetune
+    data, few = stage1_cfg.data, stage1_cfg.fewshot
+    same = [f"data.{k}={getattr(data, k)}" for k in ("dataset", "root", "ground_truth",
+                                                      "train_split", "eval_split",
+                                                      "image_size", "resize_mode")] + \
+        [f"fewshot.{k}={'null' if getattr(few, k) is None else getattr(few, k)}"
+         for k in ("budget", "draw", "seed", "policy", "val_policy", "val_count")]
+    base = grid.refine.overrides + res.overrides + same + [
+        f"train.seed={stage1_cfg.train.seed}", "refine.enabled=true",
+        f"refine.stage1={stage1_dir}"]
+    try:
+        key = config_key(load_config(path, base, cls=FinetuneConfig))
+        run_dir = stage1_dir / f"refine-{key}"
+        overrides = base + [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}",
+                            "train.resume=latest"] + logger_overrides(grid, tags + ["stage:refine"])
+        cfg = load_config(path, overrides, cls=FinetuneConfig)
+    except ConfigError as err:
+        raise ConfigError(f"cell {cell_name}, refinement ({path}): {err}") from None
+    if res.pretraining is not None:
+        res.pretraining.users.append(f"{cell_name}:refine")
+    return RefineJob(path, overrides, cfg, run_dir, key, res.pretraining)
+
+
 def build_plan(grid: GridConfig) -> Plan:
     """Every cell's complete override list and resolved config (checked now, so a typo fails
     before hours of pretraining), and the distinct shared jobs (pretrainings, source
@@ -207,6 +266,7 @@ def build_plan(grid: GridConfig) -> Plan:
         eval_split = ds.eval_split or grid.eval_split
         for init in grid.inits:
             res = resolve_init(grid, init, dataset, ds, jobs)
+            refine_res = resolve_refine(grid, init, res, jobs)
             init_overrides = grid.finetune_overrides + ds.overrides + res.overrides
             for budget in grid.budgets:
                 for seed in grid.seeds:
@@ -237,9 +297,11 @@ def build_plan(grid: GridConfig) -> Plan:
                     if res.source is not None:
                         check_cell_source(name, cfg, eval_split, res.source)
                         res.source.users.append(name)
+                    refine = None if refine_res is None else \
+                        plan_refine_job(grid, name, cfg, run_dir, refine_res, tags)
                     cells.append(Cell(dataset, init, res.kind, budget, seed, name, run_dir,
                                       config_path, overrides, cfg, eval_split, job, res.source,
-                                      config_hash=key))
+                                      config_hash=key, refine=refine))
     return Plan(grid, list(jobs.pretrainings.values()), cells, list(jobs.sources.values()))
 
 
@@ -287,5 +349,10 @@ def plan_summary(plan: Plan) -> dict:
                        "eval_split": c.eval_split,
                        "overrides": c.overrides,
                        "pretraining": c.pretraining.name if c.pretraining else None,
-                       "source": c.source.name if c.source else None}
+                       "source": c.source.name if c.source else None,
+                       "refine": None if c.refine is None else {
+                           "config": c.refine.config_path, "overrides": c.refine.overrides,
+                           "run_dir": str(c.refine.run_dir), "key": c.refine.key,
+                           "pretraining": c.refine.pretraining.name
+                           if c.refine.pretraining else None}}
                       for c in plan.cells]}

@@ -46,6 +46,15 @@ order, the more specific later and winning: the grid's `finetune_overrides`, the
 init kind's own (KIND_OVERRIDES: architecture, init, weights path), the init's `overrides`,
 then the cell's (budget, seed, run folder, W&B group and tags). Pretraining: the grid's, the
 dataset's, then the init's `pretrain_overrides`. Source fine-tuning: shared_jobs.py.
+
+Two stages (`refine: {finetune: configs/finetune/isbi2015_refine.yaml, overrides: [...]}`):
+every cell's stage-1 run is followed by a refinement run (training/refine_stage.py) in
+`<cell>/refine-<hash>/` on its labelled images, whose local network the init sets too (the
+init's `refine_pretrain`, `refine_pretrain_overrides`, `refine_overrides`; a ddpm init
+pretrains it on crops at the refinement grid, shared like every pretraining). Overrides of a
+refinement run: the refinement config, the grid's `refine.overrides`, the init kind's
+(architecture, weights), the init's `refine_overrides`, then the cell's. The cell is scored
+with both stages; the report has stage-1 and final rows and a side-by-side table.
 """
 from __future__ import annotations
 
@@ -68,6 +77,8 @@ SSL_KINDS = PRETRAINED_KINDS[1:]
 INIT_KINDS = PRETRAINED_KINDS + ("imagenet", "scratch", "checkpoint", "mean_shape", "supervised",
                                  "released_ddpm", "released_ssl")
 SOURCE_FIELDS = ("source", "source_init", "source_overrides")
+# Kinds whose cells get a refinement stage when the grid has one (the mean shape keeps its own).
+REFINE_KINDS = PRETRAINED_KINDS + ("imagenet", "scratch", "mean_shape")
 
 # ----------------------------------------------------------------------------------------------
 # Schema
@@ -102,6 +113,22 @@ class InitSpec:
     source_init: str = ""
     source_overrides: list[str] = field(default_factory=list)
     source_weights: Literal["best", "export"] = "best"
+    # The refinement stage (grid `refine`): the local network of this init's cells. Kind ddpm:
+    # a DDPM U-Net pretrained on crops at the refinement grid by `refine_pretrain` (a
+    # pretraining config, e.g. configs/pretrain/isbi2015_patches.yaml); the SSL kinds and
+    # imagenet: the same encoder as stage 1; scratch: random init. Then refine_overrides.
+    refine_pretrain: str = ""
+    refine_pretrain_overrides: list[str] = field(default_factory=list)
+    refine_overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RefineGridSpec:
+    """Stage 2 of every cell (but the mean shape's): a refinement run (training/refine_stage.py)
+    on the cell's stage-1 run, scored with stage 1 side by side. finetune "" = one stage."""
+    finetune: str = ""                  # the refinement config (refine.enabled: true)
+    overrides: list[str] = field(default_factory=list)
+    pretrain_overrides: list[str] = field(default_factory=list)   # every refine_pretrain
 
 
 @dataclass
@@ -146,6 +173,7 @@ class GridConfig:
     eval_split: str = "test1"
     finetune_overrides: list[str] = field(default_factory=list)
     pretrain_overrides: list[str] = field(default_factory=list)
+    refine: RefineGridSpec = field(default_factory=RefineGridSpec)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logger: GridLoggerConfig = field(default_factory=GridLoggerConfig)
     cost: CostConfig = field(default_factory=CostConfig)      # --dry-run's GPU assumptions
@@ -179,6 +207,13 @@ def load_grid(path: str | Path, overrides: Optional[list[str]] = None) -> GridCo
         if kind != "supervised" and any(getattr(spec, f) for f in SOURCE_FIELDS):
             raise ConfigError(f"inits.{name}: {', '.join(SOURCE_FIELDS)} are for kind "
                               f"supervised, not {kind}")
+        if grid.refine.finetune and kind not in REFINE_KINDS:
+            raise ConfigError(f"inits.{name}: kind {kind} has no refinement stage; refinable "
+                              f"kinds: {', '.join(REFINE_KINDS)} (and mean_shape, left as is)")
+        if grid.refine.finetune and kind == "ddpm" and not spec.refine_pretrain:
+            raise ConfigError(f"inits.{name}: with a refinement stage a ddpm init needs "
+                              f"refine_pretrain (the pretraining config of the local network, "
+                              f"e.g. configs/pretrain/isbi2015_patches.yaml)")
         if spec.source_init and spec.source_init not in grid.inits:
             raise ConfigError(f"inits.{name}.source_init: no init {spec.source_init!r}; "
                               f"inits: {', '.join(grid.inits)}")

@@ -15,6 +15,9 @@ RUNS_DIR/report/ (atomically, so a reader never sees half a table):
     per_landmark_<dataset>_N<budget>.png
                            MRE per landmark, one bar per initialisation (mean over seeds)
 
+A grid with a refinement stage has two rows per cell and group, stage "stage 1" and "final"
+(lines and bars per init and stage), and summary.md adds a side-by-side table of the two.
+
 With W&B (`--wandb`, default when the grid logs to W&B) the same tables and figures go to a
 summary run `<grid>-report` in the grid's group (offline without an API key).
 """
@@ -70,6 +73,28 @@ def load_cells(grid_dir: Path, order: Optional[dict] = None,
     return sorted(cells, key=sort_key)
 
 
+STAGE1, FINAL = "stage 1", "final"
+
+
+def expand_stages(cells: list[dict]) -> list[dict]:
+    """Cells with a refinement stage become two rows, stage "stage 1" (its stage1_metrics,
+    scored in eval_dir/stage1) and "final"; one-stage cells get stage ""."""
+    out = []
+    for c in cells:
+        if c.get("stage1_metrics") is None:
+            out.append({**c, "stage": ""})
+            continue
+        eval_dir = c.get("eval_dir")
+        out.append({**c, "stage": STAGE1, "metrics": c["stage1_metrics"],
+                    "eval_dir": str(Path(eval_dir) / "stage1") if eval_dir else None})
+        out.append({**c, "stage": FINAL})
+    return out
+
+
+def _label(row: dict) -> str:
+    return row["init"] + (f" ({row['stage']})" if row.get("stage") else "")
+
+
 def _num(value) -> float:
     """A metric as a float; metrics.json stores NaN (e.g. the MRE when all were missed) as null."""
     return math.nan if value is None or value == "" else float(value)
@@ -100,13 +125,14 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------
 
 def cell_rows(cells: list[dict], thresholds: list[float]) -> tuple[list[str], list[list]]:
-    header = ["dataset", "init", "budget", "seed", "config_hash", "status", "train_images",
-              "unit", "mre", "sd", "median"] + [f"sdr@{t:g}" for t in thresholds] + \
+    header = ["dataset", "init", "stage", "budget", "seed", "config_hash", "status",
+              "train_images", "unit", "mre", "sd", "median"] + [f"sdr@{t:g}" for t in thresholds] + \
              ["n", "missed", "wall_s", "error"]
     rows = []
     for c in cells:
         m = c.get("metrics", {})
-        rows.append([c["dataset"], c["init"], c.get("budget_label", c.get("budget")), c["seed"],
+        rows.append([c["dataset"], c["init"], c.get("stage", ""),
+                     c.get("budget_label", c.get("budget")), c["seed"],
                      c.get("config_hash", ""), c.get("status", "?"), c.get("train_images", ""), m.get("unit", ""),
                      m.get("mre", ""), m.get("sd", ""), m.get("median", "")] +
                     [_sdr(c, t) if m else "" for t in thresholds] +
@@ -116,15 +142,17 @@ def cell_rows(cells: list[dict], thresholds: list[float]) -> tuple[list[str], li
 
 
 def summarize_groups(cells: list[dict], thresholds: list[float]) -> list[dict]:
-    """One dict per (dataset, init, budget) in cell order: seeds done / total, means, SDs."""
+    """One dict per (dataset, init, budget, stage) in cell order: seeds done / total, means,
+    SDs."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for c in cells:
-        groups[(c["dataset"], c["init"], c.get("budget_label", str(c.get("budget"))))].append(c)
+        groups[(c["dataset"], c["init"], c.get("budget_label", str(c.get("budget"))),
+                c.get("stage", ""))].append(c)
     out = []
-    for (dataset, init, budget), members in groups.items():
+    for (dataset, init, budget, stage), members in groups.items():
         done = [c for c in members if c.get("status") == "done"]
         mre, mre_sd = _mean_sd([_num(c["metrics"]["mre"]) for c in done])
-        row = {"dataset": dataset, "init": init, "budget": budget,
+        row = {"dataset": dataset, "init": init, "stage": stage, "budget": budget,
                "train_images": done[0].get("train_images") if done else None,
                "seeds_done": len(done), "seeds": len(members),
                "failed": sum(c.get("status") == "failed" for c in members),
@@ -166,11 +194,38 @@ def summary_markdown(groups: list[dict], thresholds: list[float], title: str) ->
         seeds = f"{g['seeds_done']}/{g['seeds']}" + (f", {g['failed']} failed" if g["failed"]
                                                      else "")
         unit = f" {g['unit']}" if g["unit"] else ""
-        cells = [g["dataset"], g["init"], n, seeds, _pm(g["mre"], g["mre_sd_over_seeds"]) + unit,
+        cells = [g["dataset"], _label(g), n, seeds, _pm(g["mre"], g["mre_sd_over_seeds"]) + unit,
                  _fmt(g["sd"], 2), _fmt(g["median"], 2)] + \
                 [_pm(g[f"sdr@{t:g}"], g[f"sdr@{t:g}_sd_over_seeds"], 1) for t in thresholds] + \
                 [str(g["missed"])]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def refinement_markdown(groups: list[dict], thresholds: list[float]) -> str:
+    """Stage 1 and final side by side per dataset, init and budget ("" without refinement)."""
+    pairs: dict[tuple, dict] = defaultdict(dict)
+    for g in groups:
+        if g.get("stage"):
+            pairs[(g["dataset"], g["init"], g["budget"])][g["stage"]] = g
+    if not pairs:
+        return ""
+    t = thresholds[0] if thresholds else None
+    head = ["dataset", "init", "N", "seeds", "stage-1 MRE", "final MRE"] + (
+        [f"stage-1 SDR {t:g}", f"final SDR {t:g}"] if t is not None else [])
+    lines = ["", "## Refinement: stage 1 and final", "",
+             "Mean ± sample SD over seeds; both stages scored on the same images.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (dataset, init, budget), stages in pairs.items():
+        a, b = stages.get(STAGE1), stages.get(FINAL)
+        if a is None or b is None:
+            continue
+        row = [dataset, init, budget, f"{b['seeds_done']}/{b['seeds']}",
+               _pm(a["mre"], a["mre_sd_over_seeds"]), _pm(b["mre"], b["mre_sd_over_seeds"])]
+        if t is not None:
+            row += [_pm(a[f"sdr@{t:g}"], a[f"sdr@{t:g}_sd_over_seeds"], 1),
+                    _pm(b[f"sdr@{t:g}"], b[f"sdr@{t:g}_sd_over_seeds"], 1)]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -225,13 +280,15 @@ def plot_label_efficiency(groups: list[dict], path: Path) -> Optional[Path]:
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         rows = [g for g in done if g["dataset"] == dataset]
-        for init in dict.fromkeys(g["init"] for g in rows):
-            line = sorted((g for g in rows if g["init"] == init), key=lambda g: g["train_images"])
+        for label in dict.fromkeys(_label(g) for g in rows):
+            line = sorted((g for g in rows if _label(g) == label),
+                          key=lambda g: g["train_images"])
             x = [g["train_images"] for g in line]
             y = [g["mre"] for g in line]
             err = [g["mre_sd_over_seeds"] if np.isfinite(g["mre_sd_over_seeds"]) else 0.0
                    for g in line]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=init)
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label,
+                        linestyle="--" if line[0].get("stage") == STAGE1 else "-")
         ax.set_xscale("log")
         budgets = sorted({g["train_images"] for g in rows})
         ax.set_xticks(budgets)
@@ -249,8 +306,12 @@ def plot_label_efficiency(groups: list[dict], path: Path) -> Optional[Path]:
 
 
 def _per_landmark_mre(grid_dir: Path, cell: dict) -> Optional[np.ndarray]:
-    folder = Path(cell["run_dir"]) if cell.get("run_dir") else grid_dir / "cells" / cell["name"]
-    path = folder / f"eval_{cell.get('eval_split', 'test1')}" / "per_landmark.csv"
+    if cell.get("eval_dir"):
+        path = Path(cell["eval_dir"]) / "per_landmark.csv"
+    else:
+        folder = Path(cell["run_dir"]) if cell.get("run_dir") else \
+            grid_dir / "cells" / cell["name"]
+        path = folder / f"eval_{cell.get('eval_split', 'test1')}" / "per_landmark.csv"
     if not path.is_file():
         return None
     with open(path, newline="") as fh:
@@ -272,7 +333,7 @@ def plot_per_landmark(grid_dir: Path, cells: list[dict], out_dir: Path) -> list[
         values = _per_landmark_mre(grid_dir, c)
         if values is not None:
             key = (c["dataset"], c.get("budget_label", str(c.get("budget"))))
-            by_key[key][c["init"]].append(values)
+            by_key[key][_label(c)].append(values)
             units[key] = c["metrics"].get("unit", "")
     written = []
     for (dataset, budget), inits in by_key.items():
@@ -311,8 +372,9 @@ def write_report(grid_dir: str | Path, out_dir: Optional[str | Path] = None,
         else {}
     grid = plan.get("grid", {})
     current = {Path(c["run_dir"]).name for c in plan.get("cells", []) if c.get("run_dir")}
-    cells = load_cells(grid_dir, {"datasets": list(grid.get("datasets", {})),
-                                  "inits": list(grid.get("inits", {}))}, current or None)
+    cells = expand_stages(load_cells(grid_dir, {"datasets": list(grid.get("datasets", {})),
+                                                "inits": list(grid.get("inits", {}))},
+                                     current or None))
     thresholds = _thresholds(cells)
     title = plan.get("grid", {}).get("name", grid_dir.name)
 
@@ -325,6 +387,7 @@ def write_report(grid_dir: str | Path, out_dir: Optional[str | Path] = None,
                                                           for g in groups]))
     files["summary_md"] = atomic_write_text(out_dir / "summary.md",
                                             summary_markdown(groups, thresholds, title) +
+                                            refinement_markdown(groups, thresholds) +
                                             sources_markdown(grid_dir))
     figures = []
     plot = plot_label_efficiency(groups, out_dir / "label_efficiency.png")

@@ -125,6 +125,12 @@ def config_key(cfg) -> str:
         data.pop(section, None)
     if not (data.get("curriculum") or {}).get("stages"):
         data.pop("curriculum", None)   # no curriculum: the key it had before the section existed
+    if not (data.get("crops") or {}).get("grid"):
+        data.pop("crops", None)        # whole images: likewise
+    if not (data.get("refine") or {}).get("enabled"):
+        data.pop("refine", None)       # one-stage fine-tuning: likewise
+    if isinstance(data.get("model"), dict) and not data["model"].get("landmark_embedding"):
+        data["model"].pop("landmark_embedding", None)
     data["train"] = {k: v for k, v in data["train"].items() if k != "resume"}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -151,14 +157,30 @@ def plan_pretraining(grid: GridConfig, init: str, spec: InitSpec, kind: str, dat
     path = spec.pretrain or default_pretrain_config(kind, dataset)
     base = grid.pretrain_overrides + ds.pretrain_overrides + spec.pretrain_overrides + \
         [f"method={kind}"]
+    return _pretraining_job(grid, init, kind, path, base, jobs, init,
+                            f"pretraining of init {init!r} for dataset {dataset!r}")
+
+
+def plan_refine_pretraining(grid: GridConfig, init: str, spec: InitSpec,
+                            jobs: SharedJobs) -> Pretraining:
+    """The DDPM pretraining of a ddpm init's local network (the refinement stage, on crops):
+    spec.refine_pretrain with the grid's refine.pretrain_overrides, then the init's
+    refine_pretrain_overrides; folder pretrain/<init>-refine-<hash>."""
+    base = grid.refine.pretrain_overrides + spec.refine_pretrain_overrides + ["method=ddpm"]
+    return _pretraining_job(grid, init, "ddpm", spec.refine_pretrain, base, jobs,
+                            f"{init}-refine", f"refinement pretraining of init {init!r}")
+
+
+def _pretraining_job(grid: GridConfig, init: str, kind: str, path: str, base: list[str],
+                     jobs: SharedJobs, folder: str, what: str) -> Pretraining:
     try:
         cfg = load_config(path, base, cls=PretrainConfig)
     except ConfigError as err:
-        raise ConfigError(f"pretraining of init {init!r} for dataset {dataset!r}: {err}") from None
+        raise ConfigError(f"{what}: {err}") from None
     key = config_key(cfg)
     if key in jobs.pretrainings:
         return jobs.pretrainings[key]
-    run_dir = grid.grid_dir / "pretrain" / f"{init}-{key}"
+    run_dir = grid.grid_dir / "pretrain" / f"{folder}-{key}"
     overrides = base + _run_overrides(grid, run_dir,
                                       ["pretrain", f"init:{init}", f"method:{kind}"])
     job = Pretraining(run_dir.name, kind, path, overrides,

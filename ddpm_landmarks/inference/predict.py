@@ -15,6 +15,10 @@ model grid and mapped back with the exact inverse matrix: floats in THE FILE's p
 (pixel-centre convention), whatever the file's size and aspect. Confidence = the decoded heatmap
 peak; a landmark without a usable peak has NaN coordinates (empty CSV cells) and confidence 0.
 
+A refinement run (two stages, inference/two_stage.py) cuts its patches from the file itself
+(the file is the "original" grid); `points` are the final points, `stage1` stage 1's, and the
+CSV gets stage1_x, stage1_y columns.
+
 A file that cannot be read (corrupt, empty, not an image) is logged with its name, counted as
 failed, and skipped; the others are still predicted.
 
@@ -50,6 +54,7 @@ from ddpm_landmarks.errors import ConfigError, DataError
 from ddpm_landmarks.evaluation import visualize
 from ddpm_landmarks.evaluation.metrics import csv_text
 from ddpm_landmarks.inference.calibration import file_regions
+from ddpm_landmarks.inference.two_stage import Source
 from ddpm_landmarks.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -67,6 +72,7 @@ class ImagePrediction:
     radii: dict = field(default_factory=dict)   # {alpha: (K,)} with a calibration
     radius_unit: str = ""       # unit of radii: the calibration's, or px (the file's pixels)
     flags: dict = field(default_factory=dict)   # {alpha: (K,) bool}; empty when not decidable
+    stage1: Optional[np.ndarray] = None   # (K, 2) stage 1's points (refinement runs)
 
 
 @dataclass
@@ -248,10 +254,14 @@ def predict_folder(run, images: str | Path | Sequence[str | Path], flip_tta: Opt
         raise ConfigError("flip test-time augmentation needs the left/right landmark permutation "
                           f"of the run's dataset, which is not available ({reason}); drop "
                           "--flip-tta or set eval.flip_tta=false")
-    estimator, calibration, _ = run.scoring(permutation, tta)
-    if calibration is None:
-        log.info("no radii: %s has no calibration for these weights (ddpm-landmarks calibrate)",
-                 run.run_dir)
+    two_stage = run.refine is not None
+    if two_stage:      # radii are calibrated on stage-1 scores: not for the refined points
+        predictor, calibration = run.two_stage_predictor(permutation, tta), None
+    else:
+        estimator, calibration, _ = run.scoring(permutation, tta)
+        if calibration is None:
+            log.info("no radii: %s has no calibration for these weights "
+                     "(ddpm-landmarks calibrate)", run.run_dir)
     flag_radius = cfg.uncertainty.flag_radius
     if calibration is not None and flag_radius is None:
         flag_radius = calibration.uncertainty.flag_radius      # resolved for the dataset
@@ -260,25 +270,33 @@ def predict_folder(run, images: str | Path | Sequence[str | Path], flip_tta: Opt
                            alphas=list(calibration.alphas) if calibration else [])
     rel = {p: _relative_name(p, root) for p in files}
     overlay_as = overlay_names(list(rel.values())) if overlay_dir is not None else {}
-    # (path, (w, h), file image if an overlay is drawn else None, model input, model -> file)
-    pending: list[tuple[Path, tuple[int, int], Optional[np.ndarray], torch.Tensor, np.ndarray]] = []
+    # (path, (w, h), file image if an overlay is drawn else None, model input, model -> file,
+    # file image if stage 2 cuts patches from it else None)
+    pending: list[tuple] = []
 
     def flush() -> None:
         if not pending:
             return
-        grid = estimator.estimate(torch.stack([item[3] for item in pending]))
+        images = torch.stack([item[3] for item in pending])
         regions = [({}, "", {}, None)] * len(pending)
-        if calibration is not None:
-            regions = file_regions(calibration, grid, [item[4] for item in pending],
-                                   [item[1] for item in pending], spacing, flag_radius)
-        for (path, wh, image, _, to_file), p, c, (radii, unit, flags, axes) in zip(
-                pending, grid.points, grid.peak, regions):
+        if two_stage:
+            sources = [Source(item[5], np.eye(3), item[4], item[1]) for item in pending]
+            out = predictor.predict(images, sources)
+            found = zip(out.final, out.final_peak, out.stage1)
+        else:
+            grid = estimator.estimate(images)
+            if calibration is not None:
+                regions = file_regions(calibration, grid, [item[4] for item in pending],
+                                       [item[1] for item in pending], spacing, flag_radius)
+            found = ((map_to_original(p, item[4]), c, None)
+                     for item, p, c in zip(pending, grid.points, grid.peak))
+        for (path, wh, image, *_), (points, c, stage1), (radii, unit, flags, axes) in zip(
+                pending, found, regions):
             name = rel[path]
-            points = map_to_original(p, to_file)
             result.predictions.append(ImagePrediction(
                 name=name, path=path, size=wh, points=points,
                 confidence=np.asarray(c, dtype=np.float64), radii=radii, radius_unit=unit,
-                flags=flags))
+                flags=flags, stage1=stage1))
             if image is not None:
                 drawn = visualize.overlay(image, pred=points, title=name, regions=axes)
                 result.overlays.append(visualize.write_png(overlay_dir / overlay_as[name], drawn))
@@ -295,7 +313,8 @@ def predict_folder(run, images: str | Path | Sequence[str | Path], flip_tta: Opt
             result.failed.append((rel[path], message))
             continue
         pending.append((path, (image.shape[1], image.shape[0]),
-                        image if overlay_dir is not None else None, tensor, to_file))
+                        image if overlay_dir is not None else None, tensor, to_file,
+                        image if two_stage else None))
         if len(pending) == batch_size:
             flush()
     flush()
@@ -322,15 +341,20 @@ def prediction_rows(result: PredictResult) -> list[list]:
             if result.alphas:
                 row += [float(pred.radii[a][k]) for a in result.alphas] + [pred.radius_unit]
                 row += [int(pred.flags[a][k]) if pred.flags else "" for a in result.alphas]
+            if pred.stage1 is not None:
+                row += [float(v) for v in pred.stage1[k]]
             rows.append(row)
     return rows
 
 
 def write_predictions_csv(result: PredictResult, path: str | Path) -> Path:
     """image,landmark_index,name,x,y,confidence,width,height (+ radius@a..., radius_unit,
-    flag@a... with a calibration; an infinite radius is "inf"); coordinates in the file's
-    pixels at full precision (repr), a missing landmark has empty x, y and confidence 0. Atomic."""
-    return atomic_write_text(Path(path), csv_text(csv_header(result), prediction_rows(result)))
+    flag@a... with a calibration; an infinite radius is "inf"; + stage1_x,stage1_y for a
+    refinement run); coordinates in the file's pixels at full precision (repr), a missing
+    landmark has empty x, y and confidence 0. Atomic."""
+    two_stage = any(p.stage1 is not None for p in result.predictions)
+    header = csv_header(result) + (("stage1_x", "stage1_y") if two_stage else ())
+    return atomic_write_text(Path(path), csv_text(header, prediction_rows(result)))
 
 
 def read_predictions_csv(path: str | Path) -> dict[str, dict]:

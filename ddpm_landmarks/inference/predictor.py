@@ -30,7 +30,7 @@ from ddpm_landmarks.heatmaps.outputs import outputs_to_heatmaps, softmax_region_
 
 
 @contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
@@ -61,7 +61,7 @@ class HeatmapPredictor:
     def heatmaps(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) model-grid images in [-1, 1] -> (B, K, H, W) heatmaps on the CPU."""
         images = images.to(self.device, torch.float32)
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             maps = outputs_to_heatmaps(self.model(images), self.loss_name, self.region_size)
             if self.flip_tta:
                 mirrored = outputs_to_heatmaps(self.model(torch.flip(images, dims=[-1])),

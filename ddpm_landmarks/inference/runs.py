@@ -14,6 +14,12 @@ With RUN/calibration.json (`ddpm-landmarks calibrate`) made for these weights an
 decoding, it adds each point's conformal radius and reports the empirical coverage
 (inference/calibration.py); a calibration made for other weights or decoding is not used,
 with a warning saying what differs.
+A refinement run (refine.enabled, training/refine_stage.py) holds both stages: `run.model` is
+stage 1 (stage1/, with its own config stage1/config.yaml: `run.stage1_cfg`), `run.refine` the
+local network (best/ or export/) with its per-landmark settings (refine.json), and
+evaluate_run scores stage 1 (eval_<split>/stage1/) and the final points (eval_<split>/) side
+by side. Overrides apply to the run's config: the local stage and refine.* (e.g.
+refine.select=all refine.iterations=2 refine.prior_weight=1 refine.max_shift=3).
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ from ddpm_landmarks.evaluation.evaluate import (
     sdr_thresholds,
     write_overlays,
 )
-from ddpm_landmarks.evaluation.metrics import measurement_scale
+from ddpm_landmarks.evaluation.metrics import csv_text, measurement_scale, summarize
 from ddpm_landmarks.evaluation.uncertainty_report import (
     uncertainty_summary,
     write_uncertainty,
@@ -53,6 +59,13 @@ from ddpm_landmarks.inference.calibration import (
 )
 from ddpm_landmarks.inference.predictor import HeatmapPredictor
 from ddpm_landmarks.inference.tta import tta_estimator, tta_views
+from ddpm_landmarks.inference.two_stage import (
+    PatchRefiner,
+    RefineSettings,
+    TwoStagePredictor,
+    predict_samples,
+    read_refine_file,
+)
 from ddpm_landmarks.inference.uncertainty import (
     Estimates,
     HeatmapEstimator,
@@ -62,22 +75,42 @@ from ddpm_landmarks.inference.uncertainty import (
 from ddpm_landmarks.models.artifacts import weights_folder
 from ddpm_landmarks.models.regressor import HeatmapRegressor
 from ddpm_landmarks.models.saved_regressor import load_regressor
+from ddpm_landmarks.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
+
+STAGE1_DIR = "stage1"          # a refinement run's copy of its stage-1 regressor
+
+
+@dataclass
+class RefineStage:
+    """The second stage of a refinement run."""
+    model: torch.nn.Module              # the local network (run.weights_dir)
+    settings: RefineSettings
+    info: Optional[dict] = None         # refine.json (None: not written yet)
 
 
 @dataclass
 class TrainedRun:
     run_dir: Path
     cfg: FinetuneConfig
-    model: HeatmapRegressor
-    weights_dir: Path
+    model: HeatmapRegressor             # stage 1 of a refinement run (stage1/)
+    weights_dir: Path                   # the weights chosen (a refinement run: the local net)
     device: torch.device
+    stage1_cfg: Optional[FinetuneConfig] = None     # refinement runs: stage 1's config
+    refine: Optional[RefineStage] = None
+
+    @property
+    def global_cfg(self) -> FinetuneConfig:
+        """The config of the model-grid network (stage 1 of a refinement run)."""
+        return self.stage1_cfg if self.stage1_cfg is not None else self.cfg
 
     def predictor(self, flip_permutation: Optional[Sequence[int]] = None,
                   flip_tta: Optional[bool] = None) -> HeatmapPredictor:
+        """The model-grid predictor (stage 1 of a refinement run)."""
         tta = self.cfg.eval.flip_tta if flip_tta is None else flip_tta
-        return HeatmapPredictor(self.model, self.cfg.loss, self.cfg.heatmap, self.cfg.decoder,
+        g = self.global_cfg
+        return HeatmapPredictor(self.model, g.loss, g.heatmap, g.decoder,
                                 flip_permutation, flip_tta=tta, device=self.device)
 
     def estimator(self, flip_permutation: Optional[Sequence[int]], flip_tta: bool,
@@ -120,6 +153,12 @@ class TrainedRun:
             return None, (f"{self.run_dir / 'calibration.json'} was made with another "
                           f"{differ}: no radii (run `ddpm-landmarks calibrate` again)")
         return cal, ""
+    def two_stage_predictor(self, flip_permutation: Optional[Sequence[int]] = None,
+                            flip_tta: Optional[bool] = None) -> TwoStagePredictor:
+        tta = self.cfg.eval.flip_tta if flip_tta is None else flip_tta
+        refiner = PatchRefiner(self.refine.model, self.cfg, self.refine.settings,
+                               flip_permutation, flip_tta=tta, device=self.device)
+        return TwoStagePredictor(self.predictor(flip_permutation, tta), refiner)
 
 
 def load_trained_run(run_dir: str | Path, weights: str = "best",
@@ -135,7 +174,34 @@ def load_trained_run(run_dir: str | Path, weights: str = "best",
         raise ConfigError(str(err)) from None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_regressor(weights_dir, map_location=dev).eval()
-    return TrainedRun(run_dir, cfg, model, weights_dir, dev)
+    if not cfg.refine.enabled:
+        return TrainedRun(run_dir, cfg, model, weights_dir, dev)
+    stage1_dir = run_dir / STAGE1_DIR
+    try:
+        stage1_cfg = load_config(stage1_dir / "config.yaml", cls=FinetuneConfig)
+        stage1 = load_regressor(weights_folder(stage1_dir, "regressor", what="stage 1"),
+                                map_location=dev).eval()
+        info = read_refine_file(run_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{run_dir}: refinement run without a usable stage 1: {err}") from None
+    refine = RefineStage(model, refine_settings(cfg, info, stage1.num_landmarks), info)
+    return TrainedRun(run_dir, cfg, stage1, weights_dir, dev, stage1_cfg, refine)
+
+
+def refine_settings(cfg: FinetuneConfig, info: Optional[dict], num_landmarks: int
+                    ) -> RefineSettings:
+    """refine.select=validation: the per-landmark iterations of refine.json (every landmark
+    cfg.refine.iterations times until it exists); all: cfg.refine.iterations for every one.
+    The displacement limit is cfg.refine.max_shift (the unit) in patch pixels."""
+    unit_px = info.get("unit_per_patch_pixel") if info else None
+    if cfg.refine.max_shift is not None and not unit_px:
+        raise ConfigError("refine.max_shift needs refine.json (the patch pixel in the unit): "
+                          "finish the refinement run first")
+    settings = RefineSettings.uniform(num_landmarks, cfg.refine.iterations, cfg.refine.max_shift,
+                                      unit_px)
+    if cfg.refine.select == "validation" and info and info.get("iterations") is not None:
+        settings.iterations = [min(int(i), cfg.refine.iterations) for i in info["iterations"]]
+    return settings
 
 
 def check_landmark_count(run: TrainedRun, dataset: LandmarkDataset) -> None:
@@ -168,6 +234,40 @@ def default_threshold(dataset: LandmarkDataset, cfg, value: Optional[float]) -> 
     return float(value) if value is not None else float(min(sdr_thresholds(dataset, cfg.eval)))
 
 
+def _score(test: LandmarkDataset, truths, points, confidence, cfg: FinetuneConfig,
+           out_dir: Path, extra: dict) -> dict:
+    """Metrics, result files and best / worst overlays of one set of points."""
+    summary = evaluate_predictions(test, truths, points, cfg.eval, out_dir, extra=extra,
+                                   confidence=confidence)
+    summary["overlays"] = write_overlays(test, truths, points, summary["errors"],
+                                         out_dir / "overlays", count=cfg.eval.overlays)
+    return summary
+
+
+def compact(summary: dict) -> dict:
+    """The headline numbers of a summary (what metrics.json keeps of stage 1)."""
+    return {k: summary[k] for k in ("unit", "mre", "sd", "median", "sdr", "n", "missed",
+                                    "thresholds")}
+
+
+def side_by_side_rows(names: Sequence[str], iterations: Sequence[int], stage1: dict,
+                      final: dict) -> tuple[list[str], list[list]]:
+    """refine_per_landmark.csv: per landmark, how often it is refined and its MRE / SDR at
+    the first radius for stage 1 and the final points."""
+    t = stage1["thresholds"][0] if stage1["thresholds"] else None
+    header = ["landmark_index", "name", "iterations", "stage1_mre", "final_mre"] + (
+        [f"stage1_sdr@{t:g}", f"final_sdr@{t:g}"] if t is not None else [])
+    rows = []
+    for k, name in enumerate(names):
+        a, b = summarize(stage1["errors"][:, k], stage1["thresholds"]), \
+            summarize(final["errors"][:, k], final["thresholds"])
+        row = [k, name, int(iterations[k]), a["mre"], b["mre"]]
+        if t is not None:
+            row += [a["sdr"][t], b["sdr"][t]]
+        rows.append(row)
+    return header, rows
+
+
 def evaluate_run(run: TrainedRun, split: Optional[str] = None,
                  out_dir: Optional[Path] = None, flip_tta: Optional[bool] = None,
                  tta_score: bool = False, convention: str = "ours") -> dict:
@@ -175,7 +275,7 @@ def evaluate_run(run: TrainedRun, split: Optional[str] = None,
     the uncertainty report (uncertainty.json, sparsification.png, coverage with a calibration).
     convention="released": the errors as the released code computes them
     (evaluation/released_convention.py), into eval_<split>_released/, without the uncertainty
-    report (that one is in our convention)."""
+    report (that one is in our convention). A refinement run: evaluate_two_stage."""
     if convention not in ("ours", "released"):
         raise ConfigError(f"unknown scoring convention {convention!r}; valid: ours, released")
     cfg = run.cfg
@@ -186,6 +286,8 @@ def evaluate_run(run: TrainedRun, split: Optional[str] = None,
                           f"{', '.join(dataset.splits)}")
     test = dataset.split(split)         # a derived split this copy lacks: DataError saying why
     tta = cfg.eval.flip_tta if flip_tta is None else flip_tta
+    if run.refine is not None:
+        return evaluate_two_stage(run, test, split, out_dir, tta, convention)
     estimator, calibration, ucfg = run.scoring(test.flip_permutation, tta, tta_score)
     est, truths = estimate_labelled(run, test, estimator, ucfg)
     suffix = ("_tta" if tta else "") + ("_released" if convention == "released" else "")
@@ -227,4 +329,45 @@ def evaluate_run(run: TrainedRun, split: Optional[str] = None,
     summary.update(out_dir=out_dir, ids=[t.id for t in truths], predictions=est.points,
                    confidence=est.peak, split=split, dataset=test, uncertainty=report,
                    scales=est.scales, radii=radii)
+    return summary
+
+
+def evaluate_two_stage(run: TrainedRun, test: LandmarkDataset, split: str,
+                       out_dir: Optional[Path], tta: bool, convention: str) -> dict:
+    """evaluate_run of a refinement run: stage 1 into <out>/stage1/, the final points into
+    <out>/, refine_per_landmark.csv side by side; the summary has "stage1" (the same keys).
+    No uncertainty report: the scores and the calibration are stage-1 ones (not yet built
+    for the refined points)."""
+    cfg = run.cfg
+    check_landmark_count(run, test)
+    suffix = ("_tta" if tta else "") + ("_released" if convention == "released" else "")
+    out_dir = Path(out_dir) if out_dir else run.run_dir / f"eval_{split}{suffix}"
+    result = predict_samples(run.two_stage_predictor(test.flip_permutation, tta), test,
+                             cfg.data, cfg.augment, cfg.eval.batch_size)
+    out = result.output
+    truths = ground_truths(test, result.indices)
+    extra = {"split": split, "weights": str(run.weights_dir), "flip_tta": tta,
+             "decoder": cfg.decoder.name, "images": len(truths)}
+    if convention == "released":
+        try:
+            summary = evaluate_released(test, truths, out.final, out_dir, extra=extra)
+        except ValueError as err:
+            raise ConfigError(f"--convention released: {err}") from None
+        summary.update(overlays=[], out_dir=out_dir, ids=[t.id for t in truths],
+                       predictions=out.final, confidence=out.final_peak, split=split,
+                       dataset=test)
+        return summary
+    stage1 = _score(test, truths, out.stage1, out.stage1_peak, run.global_cfg,
+                    out_dir / STAGE1_DIR, {**extra, "weights": str(run.run_dir / STAGE1_DIR),
+                                           "decoder": run.global_cfg.decoder.name})
+    extra.update(stage1=compact(stage1), refine_iterations=run.refine.settings.iterations,
+                 refine_max_shift=cfg.refine.max_shift,
+                 refine_prior_weight=cfg.refine.prior_weight)
+    summary = _score(test, truths, out.final, out.final_peak, cfg, out_dir, extra)
+    header, rows = side_by_side_rows(test.landmark_names, run.refine.settings.iterations,
+                                     stage1, summary)
+    atomic_write_text(out_dir / "refine_per_landmark.csv", csv_text(header, rows))
+    summary["stage1"] = stage1
+    summary.update(out_dir=out_dir, ids=[t.id for t in truths], predictions=out.final,
+                   confidence=out.final_peak, split=split, dataset=test)
     return summary

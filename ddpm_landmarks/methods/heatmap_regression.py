@@ -27,10 +27,17 @@ class HeatmapRegressionMethod(Method):
         self.loss_kwargs = loss_cfg.kwargs()
         self.region_size = (softmax_region_size(heatmap_cfg, loss_cfg.softmax_threshold)
                             if loss_cfg.name == "softmax_ce" and heatmap_cfg is not None else 1)
+        # A landmark-conditioned local network (refinement patches) also takes the index.
+        self.conditioned = getattr(getattr(model, "cfg", None), "landmark_embedding", 0) > 0
+
+    def _forward(self, model: torch.nn.Module, batch: dict, rows: slice = slice(None)):
+        if self.conditioned:
+            return model(batch["image"][rows], batch["landmark"][rows])
+        return model(batch["image"][rows])
 
     def loss(self, model: torch.nn.Module, batch: dict,
              generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict]:
-        pred = model(batch["image"])
+        pred = self._forward(model, batch)
         loss = heatmap_loss(self.loss_cfg.name, pred, batch["heatmaps"], batch["mask"],
                             **self.loss_kwargs)
         return loss, {}
@@ -38,7 +45,8 @@ class HeatmapRegressionMethod(Method):
     def log_images(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         """Rows of [image | target heatmaps | predicted heatmaps] (max over landmarks)."""
         images = batch["image"][:4].float()
-        pred = outputs_to_heatmaps(model(images), self.loss_cfg.name, self.region_size)
+        pred = outputs_to_heatmaps(self._forward(model, {**batch, "image": images}, slice(0, 4)),
+                                   self.loss_cfg.name, self.region_size)
         gray = (images + 1) / 2
 
         def tint(maps: torch.Tensor, colour: int) -> torch.Tensor:

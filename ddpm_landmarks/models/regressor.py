@@ -99,9 +99,12 @@ class HeatmapRegressor(nn.Module):
         if c.in_channels != 1:
             raise ValueError(f"the regressor needs a 1-channel U-Net, got in_channels={c.in_channels}")
         if c.time_embedding_type != "positional" or c.class_embed_type is not None \
-                or getattr(unet, "class_embedding", None) is not None:
-            raise ValueError("the regressor supports positional time embedding without class "
-                             "conditioning only")
+                or (c.num_class_embeds or 0) != cfg.landmark_embedding:
+            raise ValueError("the regressor supports positional time embedding, with class "
+                             "conditioning only as its landmark embedding")
+        if cfg.landmark_embedding and cfg.timestep_mode == "drop":
+            raise ValueError("a landmark embedding is added to the time embedding, which "
+                             "timestep_mode=drop removes; use timestep_mode=fixed")
         if num_landmarks < 1:
             raise ValueError(f"num_landmarks must be >= 1, got {num_landmarks}")
         if cfg.timestep_mode not in ("fixed", "drop"):
@@ -157,9 +160,15 @@ class HeatmapRegressor(nn.Module):
         """New parameters (optim.head_lr): the head."""
         return self.head.parameters()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor,
+                landmarks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """images (B, 1, H, W) in [-1, 1]; landmarks (B,) the landmark index of each image
+        when the model has a landmark embedding (refinement patches), else None."""
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"expected images (B, 1, H, W), got {tuple(images.shape)}")
+        if (landmarks is None) != (self.cfg.landmark_embedding == 0):
+            raise ValueError("landmarks (B,) are needed exactly when the model has a landmark "
+                             f"embedding (model.landmark_embedding={self.cfg.landmark_embedding})")
         b = images.shape[0]
         t = torch.full((b,), self.cfg.timestep, dtype=torch.long, device=images.device)
         x = (images + 1) * 0.5 if self.cfg.input_range == "unit" else images
@@ -169,7 +178,7 @@ class HeatmapRegressor(nn.Module):
             if self.training:
                 x = x + (1 - a).sqrt() * torch.randn_like(x)
             x = x.to(images.dtype)
-        return self.unet(x, t).sample
+        return self.unet(x, t, class_labels=landmarks).sample
 
 
 def param_groups(model: nn.Module, body_lr: float, head_lr: float,
@@ -234,6 +243,16 @@ def check_unet_size(unet: UNet2DModel, image_size: int) -> None:
                       f"at {image_size} px (fully convolutional: allowed)", stacklevel=3)
 
 
+def add_landmark_embedding(unet: UNet2DModel, num_landmarks: int) -> None:
+    """A learned embedding of the landmark index added to the time embedding (diffusers' class
+    conditioning, num_class_embeds in the saved config), zero-initialised: the pretrained
+    network's function is unchanged at the start."""
+    width = unet.time_embedding.linear_2.out_features
+    unet.class_embedding = nn.Embedding(num_landmarks, width)
+    nn.init.zeros_(unet.class_embedding.weight)
+    unet.register_to_config(num_class_embeds=num_landmarks)
+
+
 def build_ddpm_regressor(cfg: RegressorConfig, num_landmarks: int,
                          image_size: int) -> HeatmapRegressor:
     """Pretrained: the exported U-Net; scratch: the same architecture (pretrained_path's
@@ -266,6 +285,8 @@ def build_ddpm_regressor(cfg: RegressorConfig, num_landmarks: int,
     check_unet_size(unet, image_size)
     if cfg.input_range == "auto":
         cfg = dataclasses.replace(cfg, input_range=export_image_range(path))
+    if cfg.landmark_embedding:
+        add_landmark_embedding(unet, cfg.landmark_embedding)
 
     alphas = None
     if cfg.noise_input:

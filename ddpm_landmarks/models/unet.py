@@ -6,6 +6,9 @@ Presets (`python -m ddpm_landmarks.models.unet` prints their parameter counts):
 
   tiny   64 px  tests only: 3 levels, 1 res block per level, attention at 16x16 and in the middle.
   small  128 px CPU experiments: 4 levels, attention at 16x16.
+  patch   64 px the refinement stage's local network on landmark patches (data/patches.py):
+                3 levels of widths 16 / 32 / 64, attention at 16x16; cheap enough to run on
+                19 patches per image. patch_lite: widths 8 / 16 / 32, no attention.
   base   256 px the classic Ho et al. (2020) / "denoising-diffusion-pytorch" layout at 256 px:
                 base width 64, multipliers (1, 1, 2, 2, 4, 4), 2 res blocks per level, attention
                 at 16x16 (and in the middle block, at 8x8), dropout 0, GroupNorm 32.
@@ -82,6 +85,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         **_blocks(4, {3}),                      # 128 / 8 = 16x16
         "norm_num_groups": 16,
         "attention_head_dim": 32,
+    },
+    "patch": {                                  # the refinement stage's local network
+        "resolution": 64,
+        "block_out_channels": (16, 32, 64),
+        "layers_per_block": 1,
+        **_blocks(3, {2}),                      # 64 / 4 = 16x16
+        "norm_num_groups": 8,
+        "attention_head_dim": 16,
+    },
+    "patch_lite": {                             # the same, half the width, no attention
+        "resolution": 64,
+        "block_out_channels": (8, 16, 32),
+        "layers_per_block": 1,
+        **_blocks(3, set()),
+        "norm_num_groups": 8,
+        "attention_head_dim": 8,
     },
     "base": {
         "resolution": 256,
