@@ -209,7 +209,7 @@ class CropConfig:
     grid, refine.grid of the fine-tuning; the pool file's own pixels for grid = its long
     side), centred on a uniformly drawn point of the image, then the augment section's affine
     about the crop centre. 0 = off: whole images resized to data.image_size."""
-    grid: int = 0
+    grid: int = ranged(0, ">= 0")
 
 
 @dataclass
