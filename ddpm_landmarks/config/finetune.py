@@ -251,8 +251,11 @@ class FinetuneConfig:
     def check_fields(self, prefix: str = "") -> None:
         """Rules joining two fields (config/ranges.py): the smp U-Nets downsample five times,
         so their input side is a multiple of 32. The DDPM U-Net's rule depends on its levels
-        (the export's config), checked when the model is built, before the run writes."""
-        if self.model.arch.startswith("smp_") and self.data.image_size % SMP_SIZE_MULTIPLE:
-            raise ConfigError(f"{dotted(prefix, 'data.image_size')}: {self.data.image_size} "
-                              f"is not a multiple of {SMP_SIZE_MULTIPLE}, which model.arch="
-                              f"{self.model.arch} needs (five stride-2 stages)")
+        (the export's config), checked when the model is built, before the run writes. A
+        refinement run's model sees refine.patch_size patches (data.image_size is stage 1's)."""
+        key, size = ("refine.patch_size", self.refine.patch_size) if self.refine.enabled else \
+            ("data.image_size", self.data.image_size)
+        if self.model.arch.startswith("smp_") and size % SMP_SIZE_MULTIPLE:
+            raise ConfigError(f"{dotted(prefix, key)}: {size} is not a multiple of "
+                              f"{SMP_SIZE_MULTIPLE}, which model.arch={self.model.arch} needs "
+                              f"(five stride-2 stages)")

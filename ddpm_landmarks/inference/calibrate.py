@@ -78,10 +78,6 @@ def calibrate_run(run: TrainedRun, count: Optional[int] = None, seed: Optional[i
     """Draw, predict, fit and write RUN/calibration.json (with the calibration images' error
     summary, to compare with the test split's: a clear gap says they are not exchangeable)."""
     cfg = run.cfg
-    if run.refine is not None:
-        raise ConfigError(f"{run.run_dir} is a refinement run: conformal radii are fitted to "
-                          f"stage-1 scores and not yet to the refined points; calibrate its "
-                          f"stage-1 run ({cfg.refine.stage1}) instead")
     ucfg = score_settings(calibration_config(cfg.uncertainty, count, seed, alphas, score, tta),
                           cfg.heatmap)
     flip_tta = cfg.eval.flip_tta if flip_tta is None else flip_tta
@@ -119,7 +115,8 @@ def calibrate_run(run: TrainedRun, count: Optional[int] = None, seed: Optional[i
                       f"{dataset.name}:{cfg.data.train_split} without the run's {len(seen)} "
                       f"few-shot training and validation images"}
     cal = fit_calibration(errors, est.scales, ucfg.alphas, ucfg,
-                          model_settings(cfg, run.weights_dir, flip_tta), draw, ids,
+                          model_settings(cfg, run.weights_dir, flip_tta,
+                                         run.stage1_weights_dir), draw, ids,
                           dataset.name, cfg.data.train_split, dataset.unit,
                           tta_views(estimator))
     summary = summarize(errors, sdr_thresholds(pool, cfg.eval), cfg.eval.sdr_inclusive)

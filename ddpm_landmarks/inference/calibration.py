@@ -34,7 +34,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -43,7 +43,7 @@ from ddpm_landmarks.config.schema import from_dict, to_dict
 from ddpm_landmarks.evaluation.conformal import fit_quantiles, region_radii
 from ddpm_landmarks.evaluation.metrics import json_safe
 from ddpm_landmarks.heatmaps.spread import auto_window
-from ddpm_landmarks.inference.uncertainty import LENGTH_SCORES, score_scales
+from ddpm_landmarks.inference.uncertainty import LENGTH_SCORES
 from ddpm_landmarks.models.artifacts import FORMATS
 from ddpm_landmarks.utils.atomic import atomic_write_text
 
@@ -71,12 +71,17 @@ def weights_digest(weights_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def model_settings(cfg, weights_dir: Path, flip_tta: bool) -> dict:
-    """What the scores and errors depend on besides the score settings (compared on use)."""
-    return {"weights_sha256": weights_digest(weights_dir), "decoder": to_dict(cfg.decoder),
-            "flip_tta": bool(flip_tta), "image_size": int(cfg.data.image_size),
-            "resize_mode": cfg.data.resize_mode, "heatmap": to_dict(cfg.heatmap),
-            "loss": to_dict(cfg.loss)}
+def model_settings(cfg, weights_dir: Path, flip_tta: bool,
+                   stage1_dir: Optional[Path] = None) -> dict:
+    """What the scores and errors depend on besides the score settings (compared on use); a
+    refinement run also its stage-1 weights and refine section."""
+    settings = {"weights_sha256": weights_digest(weights_dir), "decoder": to_dict(cfg.decoder),
+                "flip_tta": bool(flip_tta), "image_size": int(cfg.data.image_size),
+                "resize_mode": cfg.data.resize_mode, "heatmap": to_dict(cfg.heatmap),
+                "loss": to_dict(cfg.loss)}
+    if stage1_dir is not None:
+        settings.update(stage1_sha256=weights_digest(stage1_dir), refine=to_dict(cfg.refine))
+    return settings
 
 
 def score_settings(cfg: UncertaintyConfig, heatmap_cfg) -> UncertaintyConfig:
@@ -206,10 +211,11 @@ def file_unit_scale(unit: str, size: tuple[int, int],
     return None if spacing is None else (float(spacing[0]), float(spacing[1]))
 
 
-def file_regions(calibration, grid, to_files: Sequence[np.ndarray],
+def file_regions(calibration, scales_for: Callable[[np.ndarray], dict],
                  sizes: Sequence[tuple[int, int]], spacing, flag_radius: float
                  ) -> list[tuple[dict, str, dict, Optional[np.ndarray]]]:
-    """Per image of a batch (GridEstimates `grid`, model grid -> file matrices, file sizes):
+    """Per image of a batch (`scales_for(unit per file pixel (B, 2))` -> the score scales,
+    e.g. inference/uncertainty.py score_scales of the batch's estimates; the file sizes):
     ({alpha: radius (K,)}, radius unit, {alpha: radius > flag_radius (K,)}, region semi-axes
     (K, 2) in file pixels or None). With the file's unit scale known, radii are in the
     calibration's unit; without (mm, no spacing), a length score (spread, tta) is measured in
@@ -217,8 +223,7 @@ def file_regions(calibration, grid, to_files: Sequence[np.ndarray],
     threshold is in mm); a none / peak radius is q in mm itself, kept, but cannot be drawn."""
     known = [file_unit_scale(calibration.unit, wh, spacing) for wh in sizes]
     unit_scale = np.array([k or (1.0, 1.0) for k in known])
-    scales = score_scales(grid, np.stack(to_files), unit_scale,
-                          calibration.uncertainty.score_floor)
+    scales = scales_for(unit_scale)
     radii = calibration.radii(scales)[calibration.score]
     length = calibration.score in LENGTH_SCORES
     out = []

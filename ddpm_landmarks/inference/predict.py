@@ -55,6 +55,7 @@ from ddpm_landmarks.evaluation import visualize
 from ddpm_landmarks.evaluation.metrics import csv_text
 from ddpm_landmarks.inference.calibration import file_regions
 from ddpm_landmarks.inference.two_stage import Source
+from ddpm_landmarks.inference.uncertainty import score_scales, two_stage_scales
 from ddpm_landmarks.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -255,13 +256,10 @@ def predict_folder(run, images: str | Path | Sequence[str | Path], flip_tta: Opt
                           f"of the run's dataset, which is not available ({reason}); drop "
                           "--flip-tta or set eval.flip_tta=false")
     two_stage = run.refine is not None
-    if two_stage:      # radii are calibrated on stage-1 scores: not for the refined points
-        predictor, calibration = run.two_stage_predictor(permutation, tta), None
-    else:
-        estimator, calibration, _ = run.scoring(permutation, tta)
-        if calibration is None:
-            log.info("no radii: %s has no calibration for these weights "
-                     "(ddpm-landmarks calibrate)", run.run_dir)
+    estimator, calibration, _ = run.scoring(permutation, tta)   # two stages: TwoStagePredictor
+    if calibration is None:
+        log.info("no radii: %s has no calibration for these weights (ddpm-landmarks calibrate)",
+                 run.run_dir)
     flag_radius = cfg.uncertainty.flag_radius
     if calibration is not None and flag_radius is None:
         flag_radius = calibration.uncertainty.flag_radius      # resolved for the dataset
@@ -278,18 +276,25 @@ def predict_folder(run, images: str | Path | Sequence[str | Path], flip_tta: Opt
         if not pending:
             return
         images = torch.stack([item[3] for item in pending])
-        regions = [({}, "", {}, None)] * len(pending)
         if two_stage:
             sources = [Source(item[5], np.eye(3), item[4], item[1]) for item in pending]
-            out = predictor.predict(images, sources)
+            out = estimator.predict(images, sources)
             found = zip(out.final, out.final_peak, out.stage1)
+
+            def scales_for(unit_scale):
+                return two_stage_scales(out, unit_scale, calibration.uncertainty.score_floor)
         else:
             grid = estimator.estimate(images)
-            if calibration is not None:
-                regions = file_regions(calibration, grid, [item[4] for item in pending],
-                                       [item[1] for item in pending], spacing, flag_radius)
             found = ((map_to_original(p, item[4]), c, None)
                      for item, p, c in zip(pending, grid.points, grid.peak))
+
+            def scales_for(unit_scale):
+                return score_scales(grid, np.stack([item[4] for item in pending]), unit_scale,
+                                    calibration.uncertainty.score_floor)
+        regions = [({}, "", {}, None)] * len(pending)
+        if calibration is not None:
+            regions = file_regions(calibration, scales_for, [item[1] for item in pending],
+                                   spacing, flag_radius)
         for (path, wh, image, *_), (points, c, stage1), (radii, unit, flags, axes) in zip(
                 pending, found, regions):
             name = rel[path]

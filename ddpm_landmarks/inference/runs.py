@@ -52,6 +52,7 @@ from ddpm_landmarks.evaluation.uncertainty_report import (
     uncertainty_summary,
     write_uncertainty,
 )
+from ddpm_landmarks.heatmaps.spread import auto_window
 from ddpm_landmarks.inference.calibration import (
     Calibration,
     load_calibration,
@@ -62,6 +63,7 @@ from ddpm_landmarks.inference.tta import tta_estimator, tta_views
 from ddpm_landmarks.inference.two_stage import (
     PatchRefiner,
     RefineSettings,
+    SpreadSettings,
     TwoStagePredictor,
     predict_samples,
     read_refine_file,
@@ -71,6 +73,7 @@ from ddpm_landmarks.inference.uncertainty import (
     HeatmapEstimator,
     LandmarkEstimator,
     estimate_dataset,
+    two_stage_scales,
 )
 from ddpm_landmarks.models.artifacts import weights_folder
 from ddpm_landmarks.models.regressor import HeatmapRegressor
@@ -115,7 +118,16 @@ class TrainedRun:
 
     def estimator(self, flip_permutation: Optional[Sequence[int]], flip_tta: bool,
                   ucfg: UncertaintyConfig):
-        """The predictor's points plus the spread; wrapped in TTA when ucfg asks for tta."""
+        """The predictor's points plus the spread; wrapped in TTA when ucfg asks for tta. A
+        refinement run: its TwoStagePredictor measuring both stages' spread (no tta score)."""
+        if self.refine is not None:
+            if ucfg.tta or ucfg.score == "tta":
+                raise ConfigError("the tta uncertainty score is not built for refinement runs "
+                                  "(two stages): use uncertainty.score=spread or peak, without "
+                                  "--tta-score / --tta")
+            spread = SpreadSettings(ucfg.spread, auto_window(self.global_cfg.heatmap),
+                                    ucfg.window or auto_window(self.cfg.heatmap))
+            return self.two_stage_predictor(flip_permutation, flip_tta, spread)
         base = HeatmapEstimator(self.predictor(flip_permutation, flip_tta), ucfg, self.cfg.heatmap)
         if not (ucfg.tta or ucfg.score == "tta"):
             return base
@@ -148,17 +160,24 @@ class TrainedRun:
             return None, str(err)
         if cal is None:
             return None, ""
-        differ = cal.mismatch(model_settings(self.cfg, self.weights_dir, flip_tta))
+        differ = cal.mismatch(model_settings(self.cfg, self.weights_dir, flip_tta,
+                                             self.stage1_weights_dir))
         if differ:
             return None, (f"{self.run_dir / 'calibration.json'} was made with another "
                           f"{differ}: no radii (run `ddpm-landmarks calibrate` again)")
         return cal, ""
     def two_stage_predictor(self, flip_permutation: Optional[Sequence[int]] = None,
-                            flip_tta: Optional[bool] = None) -> TwoStagePredictor:
+                            flip_tta: Optional[bool] = None,
+                            spread: Optional[SpreadSettings] = None) -> TwoStagePredictor:
         tta = self.cfg.eval.flip_tta if flip_tta is None else flip_tta
         refiner = PatchRefiner(self.refine.model, self.cfg, self.refine.settings,
                                flip_permutation, flip_tta=tta, device=self.device)
-        return TwoStagePredictor(self.predictor(flip_permutation, tta), refiner)
+        return TwoStagePredictor(self.predictor(flip_permutation, tta), refiner, spread)
+
+    @property
+    def stage1_weights_dir(self) -> Optional[Path]:
+        """A refinement run's stage-1 weights (stage1/), else None."""
+        return self.run_dir / STAGE1_DIR if self.refine is not None else None
 
 
 def load_trained_run(run_dir: str | Path, weights: str = "best",
@@ -220,11 +239,19 @@ def estimate_labelled(run: TrainedRun, dataset: LandmarkDataset, estimator: Land
     """Points in original pixels and uncertainty scales (in the dataset's unit) for every
     image of a labelled dataset, with their ground truth, in dataset order."""
     check_landmark_count(run, dataset)
-    data = HeatmapDataset(dataset, run.cfg.data, run.cfg.augment, run.cfg.heatmap, train=False)
     truths = ground_truths(dataset)
     scales = unit_scales(dataset, truths)
-    est = estimate_dataset(estimator, data, lambda items: scales[items], ucfg.score_floor,
-                           run.cfg.eval.batch_size)
+    if isinstance(estimator, TwoStagePredictor):      # a refinement run
+        result = predict_samples(estimator, dataset, run.cfg.data, run.cfg.augment,
+                                 run.cfg.eval.batch_size)
+        out = result.output
+        est = Estimates(result.indices, out.final, out.final_peak,
+                        two_stage_scales(out, scales, ucfg.score_floor), two_stage=out)
+    else:
+        data = HeatmapDataset(dataset, run.cfg.data, run.cfg.augment, run.cfg.heatmap,
+                              train=False)
+        est = estimate_dataset(estimator, data, lambda items: scales[items], ucfg.score_floor,
+                               run.cfg.eval.batch_size)
     assert est.indices == list(range(len(truths)))
     return est, truths
 
@@ -275,7 +302,8 @@ def evaluate_run(run: TrainedRun, split: Optional[str] = None,
     the uncertainty report (uncertainty.json, sparsification.png, coverage with a calibration).
     convention="released": the errors as the released code computes them
     (evaluation/released_convention.py), into eval_<split>_released/, without the uncertainty
-    report (that one is in our convention). A refinement run: evaluate_two_stage."""
+    report (that one is in our convention). A refinement run also writes stage 1's files into
+    <out>/stage1/ and refine_per_landmark.csv; its summary has "stage1" (the same keys)."""
     if convention not in ("ours", "released"):
         raise ConfigError(f"unknown scoring convention {convention!r}; valid: ours, released")
     cfg = run.cfg
@@ -286,8 +314,6 @@ def evaluate_run(run: TrainedRun, split: Optional[str] = None,
                           f"{', '.join(dataset.splits)}")
     test = dataset.split(split)         # a derived split this copy lacks: DataError saying why
     tta = cfg.eval.flip_tta if flip_tta is None else flip_tta
-    if run.refine is not None:
-        return evaluate_two_stage(run, test, split, out_dir, tta, convention)
     estimator, calibration, ucfg = run.scoring(test.flip_permutation, tta, tta_score)
     est, truths = estimate_labelled(run, test, estimator, ucfg)
     suffix = ("_tta" if tta else "") + ("_released" if convention == "released" else "")
@@ -304,6 +330,15 @@ def evaluate_run(run: TrainedRun, split: Optional[str] = None,
                        predictions=est.points, confidence=est.peak, split=split, dataset=test)
         return summary                 # the overlays and uncertainty are in our convention
 
+    stage1 = None
+    if est.two_stage is not None:      # a refinement run: stage 1 beside the final points
+        g = run.global_cfg
+        stage1 = _score(test, truths, est.two_stage.stage1, est.two_stage.stage1_peak, g,
+                        out_dir / STAGE1_DIR, {**extra, "weights": str(run.stage1_weights_dir),
+                                               "decoder": g.decoder.name, "calibration": None})
+        extra.update(stage1=compact(stage1), refine_iterations=run.refine.settings.iterations,
+                     refine_max_shift=cfg.refine.max_shift,
+                     refine_prior_weight=cfg.refine.prior_weight)
     radii = calibration.radii(est.scales) if calibration else None
     flag_radius = default_threshold(test, cfg, cfg.uncertainty.flag_radius)
     columns = {f"uncertainty_{name}": u for name, u in est.scales.items() if name != "none"}
@@ -326,48 +361,12 @@ def evaluate_run(run: TrainedRun, split: Optional[str] = None,
     summary["overlays"] = write_overlays(test, truths, est.points, summary["errors"],
                                          out_dir / "overlays", count=cfg.eval.overlays,
                                          regions=regions)
+    if stage1 is not None:
+        header, rows = side_by_side_rows(test.landmark_names, run.refine.settings.iterations,
+                                         stage1, summary)
+        atomic_write_text(out_dir / "refine_per_landmark.csv", csv_text(header, rows))
+        summary["stage1"] = stage1
     summary.update(out_dir=out_dir, ids=[t.id for t in truths], predictions=est.points,
                    confidence=est.peak, split=split, dataset=test, uncertainty=report,
                    scales=est.scales, radii=radii)
-    return summary
-
-
-def evaluate_two_stage(run: TrainedRun, test: LandmarkDataset, split: str,
-                       out_dir: Optional[Path], tta: bool, convention: str) -> dict:
-    """evaluate_run of a refinement run: stage 1 into <out>/stage1/, the final points into
-    <out>/, refine_per_landmark.csv side by side; the summary has "stage1" (the same keys).
-    No uncertainty report: the scores and the calibration are stage-1 ones (not yet built
-    for the refined points)."""
-    cfg = run.cfg
-    check_landmark_count(run, test)
-    suffix = ("_tta" if tta else "") + ("_released" if convention == "released" else "")
-    out_dir = Path(out_dir) if out_dir else run.run_dir / f"eval_{split}{suffix}"
-    result = predict_samples(run.two_stage_predictor(test.flip_permutation, tta), test,
-                             cfg.data, cfg.augment, cfg.eval.batch_size)
-    out = result.output
-    truths = ground_truths(test, result.indices)
-    extra = {"split": split, "weights": str(run.weights_dir), "flip_tta": tta,
-             "decoder": cfg.decoder.name, "images": len(truths)}
-    if convention == "released":
-        try:
-            summary = evaluate_released(test, truths, out.final, out_dir, extra=extra)
-        except ValueError as err:
-            raise ConfigError(f"--convention released: {err}") from None
-        summary.update(overlays=[], out_dir=out_dir, ids=[t.id for t in truths],
-                       predictions=out.final, confidence=out.final_peak, split=split,
-                       dataset=test)
-        return summary
-    stage1 = _score(test, truths, out.stage1, out.stage1_peak, run.global_cfg,
-                    out_dir / STAGE1_DIR, {**extra, "weights": str(run.run_dir / STAGE1_DIR),
-                                           "decoder": run.global_cfg.decoder.name})
-    extra.update(stage1=compact(stage1), refine_iterations=run.refine.settings.iterations,
-                 refine_max_shift=cfg.refine.max_shift,
-                 refine_prior_weight=cfg.refine.prior_weight)
-    summary = _score(test, truths, out.final, out.final_peak, cfg, out_dir, extra)
-    header, rows = side_by_side_rows(test.landmark_names, run.refine.settings.iterations,
-                                     stage1, summary)
-    atomic_write_text(out_dir / "refine_per_landmark.csv", csv_text(header, rows))
-    summary["stage1"] = stage1
-    summary.update(out_dir=out_dir, ids=[t.id for t in truths], predictions=out.final,
-                   confidence=out.final_peak, split=split, dataset=test)
     return summary

@@ -46,6 +46,7 @@ from ddpm_landmarks.data.sample import LandmarkDataset
 from ddpm_landmarks.data.transforms import LandmarkTransform, apply_matrix, warp_image
 from ddpm_landmarks.heatmaps.decoders import decode
 from ddpm_landmarks.heatmaps.outputs import outputs_to_heatmaps, softmax_region_size
+from ddpm_landmarks.heatmaps.spread import spread_covariance
 from ddpm_landmarks.inference.predictor import HeatmapPredictor, eval_mode
 
 REFINE_FILE = "refine.json"
@@ -94,6 +95,13 @@ class TwoStageOutput:
     # matrices and the decoded patch heatmaps, for uncertainty estimates.
     patch_to_original: Optional[np.ndarray] = None   # (B, K, 3, 3)
     patch_maps: Optional[np.ndarray] = None          # (B, K, P, P)
+    # With TwoStagePredictor(spread=...): the heatmap spread behind each final point, for the
+    # uncertainty scores (inference/uncertainty.py two_stage_scales): stage 1's on the model
+    # grid with the grid -> original matrices, the local map's in patch pixels (NaN where the
+    # final point is stage 1's).
+    stage1_covariance: Optional[np.ndarray] = None   # (B, K, 2, 2) model-grid px^2
+    model_to_original: Optional[np.ndarray] = None   # (B, 3, 3)
+    patch_covariance: Optional[np.ndarray] = None    # (B, K, 2, 2) patch px^2
 
 
 class PatchRefiner:
@@ -230,11 +238,22 @@ class PatchRefiner:
             last_matrix[i, j], last_maps[i, j] = back, maps[n]
 
 
-class TwoStagePredictor:
-    """Stage 1 + PatchRefiner: predict(images, sources) -> TwoStageOutput."""
+@dataclass(frozen=True)
+class SpreadSettings:
+    """How TwoStagePredictor measures heatmap spread (heatmaps/spread.py): the method and the
+    window half-widths on stage 1's grid and on the patch."""
+    method: str
+    stage1_window: int
+    patch_window: int
 
-    def __init__(self, stage1: HeatmapPredictor, refiner: PatchRefiner):
-        self.stage1, self.refiner = stage1, refiner
+
+class TwoStagePredictor:
+    """Stage 1 + PatchRefiner: predict(images, sources) -> TwoStageOutput (with the spread
+    of the heatmaps behind the final points when `spread` is given)."""
+
+    def __init__(self, stage1: HeatmapPredictor, refiner: PatchRefiner,
+                 spread: Optional[SpreadSettings] = None):
+        self.stage1, self.refiner, self.spread = stage1, refiner, spread
 
     def predict(self, images: torch.Tensor, sources: Sequence[Source],
                 explore: bool = False) -> TwoStageOutput:
@@ -243,7 +262,24 @@ class TwoStagePredictor:
         maps = self.stage1.heatmaps(images)
         points, peak = decode(maps, self.stage1.decoder_cfg)
         stage1 = np.stack([apply_matrix(s.model_to_original, p) for s, p in zip(sources, points)])
-        return self.refiner.refine(maps.numpy(), stage1, peak, sources, explore)
+        out = self.refiner.refine(maps.numpy(), stage1, peak, sources, explore)
+        if self.spread is not None:
+            out.stage1_covariance = spread_covariance(maps, self.spread.method,
+                                                      self.spread.stage1_window)
+            out.model_to_original = np.stack([s.model_to_original for s in sources])
+            out.patch_covariance = patch_spread(out.patch_maps, self.spread)
+        return out
+
+
+def patch_spread(patch_maps: np.ndarray, spread: SpreadSettings) -> np.ndarray:
+    """(B, K, 2, 2) spread of the refined points' patch heatmaps; NaN where not refined."""
+    b, k = patch_maps.shape[:2]
+    out = np.full((b, k, 2, 2), np.nan)
+    refined = np.isfinite(patch_maps).all(axis=(-2, -1))
+    if refined.any():
+        maps = torch.from_numpy(np.ascontiguousarray(patch_maps[refined]))[:, None]
+        out[refined] = spread_covariance(maps, spread.method, spread.patch_window)[:, 0]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,11 +318,13 @@ def predict_samples(predictor: TwoStagePredictor, dataset: LandmarkDataset, data
 
 def concat_outputs(parts: Sequence[TwoStageOutput]) -> TwoStageOutput:
     def cat(name):
-        return np.concatenate([getattr(p, name) for p in parts])
+        arrays = [getattr(p, name) for p in parts]
+        return None if any(a is None for a in arrays) else np.concatenate(arrays)
     steps = min(len(p.history) for p in parts)
     return TwoStageOutput(cat("stage1"), cat("final"), cat("stage1_peak"), cat("final_peak"),
                           [np.concatenate([p.history[i] for p in parts]) for i in range(steps)],
-                          cat("patch_to_original"), cat("patch_maps"))
+                          cat("patch_to_original"), cat("patch_maps"), cat("stage1_covariance"),
+                          cat("model_to_original"), cat("patch_covariance"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,9 +3,11 @@
 Any predictor plugs in through one small interface: for a batch of model-grid images it
 returns its points, their decoded peak and the heatmap spread on the model grid
 (GridEstimates); the batch carries each image's exact model -> original matrix. A two-stage
-predictor (a refinement network on a high-resolution patch per landmark) returns its refined
-points on the same model grid and its patch heatmap's covariance pushed onto that grid
-(A C A^T with A the patch -> model-grid matrix's linear part); everything below then applies.
+run (a refinement network on a high-resolution patch per landmark, inference/two_stage.py)
+gives its final points in original pixels with the covariance of the heatmap behind each:
+the patch heatmap's with its exact patch -> original matrix where the point was refined,
+stage 1's with the model -> original matrix where it was kept (two_stage_scales); the same
+formulas then apply, per landmark.
 
     estimator = HeatmapEstimator(run.predictor(permutation), cfg.uncertainty, cfg.heatmap)
     estimator = TTAEstimator(estimator, ...)            # opt-in: inference/tta.py
@@ -84,6 +86,7 @@ class Estimates:
     points: np.ndarray                    # (N, K, 2) original pixels
     peak: np.ndarray                      # (N, K)
     scales: dict[str, np.ndarray]         # score name -> (N, K) scale u (see module doc)
+    two_stage: Optional[object] = None    # a refinement run's TwoStageOutput (stage 1 too)
 
 
 def _linear(to_original: np.ndarray, k: int) -> np.ndarray:
@@ -129,6 +132,25 @@ def score_scales(grid: GridEstimates, to_original: np.ndarray, unit_scale: np.nd
               "spread": floored(spread_in_unit(grid.covariance, to_original, unit_scale))}
     if grid.views is not None:
         scales["tta"] = floored(tta_in_unit(grid.views, to_original, unit_scale))
+    return scales
+
+
+def two_stage_scales(out, unit_scale: np.ndarray, floor: float) -> dict[str, np.ndarray]:
+    """{score: (B, K) scale u} of a two-stage run's final points (TwoStageOutput with its
+    spread): peak = 1 / the final point's decoded peak; spread = the local heatmap's spread
+    through its patch -> original matrix where the point was refined, else stage 1's through
+    the model grid -> original matrix. No tta score (not built for two stages)."""
+    if out.stage1_covariance is None:
+        raise ValueError("two_stage_scales needs a TwoStagePredictor made with spread settings")
+    # score_scales reads the peak and the covariance only (the points here are original px).
+    grid = GridEstimates(out.final, out.final_peak, out.stage1_covariance)
+    scales = score_scales(grid, out.model_to_original, unit_scale, floor)
+    refined = np.isfinite(out.patch_covariance).all(axis=(-2, -1))
+    if refined.any():
+        matrices = np.where(refined[..., None, None], out.patch_to_original, np.eye(3))
+        covariance = np.where(refined[..., None, None], out.patch_covariance, 0.0)
+        local = np.maximum(spread_in_unit(covariance, matrices, unit_scale), floor)
+        scales["spread"] = np.where(refined, local, scales["spread"])
     return scales
 
 

@@ -16,11 +16,13 @@ from ddpm_landmarks.evaluation.uncertainty_report import (
 )
 from ddpm_landmarks.evaluation.wandb_log import uncertainty_values
 from ddpm_landmarks.inference.calibration import file_unit_scale
+from ddpm_landmarks.inference.two_stage import TwoStageOutput
 from ddpm_landmarks.inference.uncertainty import (
     GridEstimates,
     score_scales,
     spread_in_unit,
     tta_in_unit,
+    two_stage_scales,
 )
 
 # Model grid -> original: x 3 px per grid px, y 2 px, plus a shift; unit: 0.1 x 0.2 mm / px.
@@ -62,6 +64,28 @@ def test_score_scales_floor_and_unknown():
     np.testing.assert_array_equal(s["none"], [[1.0, 1.0, 1.0]])
     np.testing.assert_allclose(s["peak"], [[2.0, 1e3, 1e3]])       # 1 / max(peak, floor)
     np.testing.assert_allclose(s["spread"], [[math.sqrt(2.0), 1e-3, np.nan]])
+
+
+def test_two_stage_scales_read_the_heatmap_behind_each_final_point():
+    """Landmark 0 refined: the patch map's covariance diag(4, 1) patch px^2 through the patch
+    -> original matrix (0.5 original px per patch px) is diag(1, 0.25) px^2, in mm (0.1 x
+    0.2 mm / px) diag(0.01, 0.01). Landmark 1 kept at stage 1: stage 1's diag(1, 4) grid px^2
+    through TO_ORIGINAL, sqrt(0.73) mm as above. Peak: the final point's."""
+    nan = np.full((2, 2), np.nan)
+    patch = np.array([[0.5, 0.0, 40.0], [0.0, 0.5, 20.0], [0.0, 0.0, 1.0]])
+    out = TwoStageOutput(
+        stage1=np.zeros((1, 2, 2)), final=np.zeros((1, 2, 2)), stage1_peak=np.array([[0.2, 0.3]]),
+        final_peak=np.array([[0.8, 0.3]]),
+        patch_to_original=np.stack([patch, np.full((3, 3), np.nan)])[None],
+        stage1_covariance=np.stack([np.diag([9.0, 9.0]), np.diag([1.0, 4.0])])[None],
+        model_to_original=TO_ORIGINAL, patch_covariance=np.stack([np.diag([4.0, 1.0]), nan])[None])
+    s = two_stage_scales(out, UNIT, floor=1e-3)
+    np.testing.assert_allclose(s["spread"], [[math.sqrt(0.02), math.sqrt(0.73)]])
+    np.testing.assert_allclose(s["peak"], [[1 / 0.8, 1 / 0.3]])
+    assert "tta" not in s
+    with pytest.raises(ValueError, match="spread settings"):
+        two_stage_scales(TwoStageOutput(out.stage1, out.final, out.stage1_peak, out.final_peak),
+                         UNIT, 1e-3)
 
 
 def test_sparsification_and_auroc_by_hand():

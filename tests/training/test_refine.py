@@ -127,6 +127,52 @@ def test_predict_writes_both_stages_and_agrees_with_evaluate(two_stage, tmp_path
         assert not np.allclose(final, first)
 
 
+def test_uncertainty_of_the_refined_points(two_stage, tmp_path):
+    """calibrate, evaluate and predict on a two-stage run: scores of the final points (the
+    patch heatmap's spread where refined), conformal radii from the run's own calibration
+    images, the same radii from predict as from evaluate; no tta score for two stages."""
+    root, _, _, run_dir = two_stage
+    shutil.copytree(run_dir, tmp_path / "fine")
+    run_dir = tmp_path / "fine"
+    assert cli_main(["calibrate", str(run_dir), "--device", "cpu", "--alphas", "0.2"]) == 0
+    cal = json.loads((run_dir / "calibration.json").read_text())
+    assert cal["model"]["stage1_sha256"] and cal["model"]["refine"]["enabled"] is True
+    run = load_trained_run(run_dir, device="cpu")
+    summary = evaluate_run(run, "test1", tmp_path / "eval")
+    info = json.loads((run_dir / "refine.json").read_text())
+    refined = np.array(info["iterations"]) > 0
+    assert summary["radii"] is not None and "stage1" in summary
+    region = summary["uncertainty"]["regions"]["spread"][0.2]
+    assert 0.0 < region["overall"] <= 1.0 and np.isfinite(region["mean_radius"])
+    header = (tmp_path / "eval" / "predictions.csv").read_text().splitlines()[0].split(",")
+    assert {"uncertainty_spread", "radius@0.2", "flag@0.2"} <= set(header)
+    if refined.any() and (~refined).any():
+        # The spread of refined landmarks is read on the fine patch grid: smaller than stage
+        # 1's 4 mm grid pixels give for the landmarks kept at stage 1.
+        spread = summary["scales"]["spread"]
+        assert np.nanmedian(spread[:, refined]) < np.nanmedian(spread[:, ~refined])
+    test = build_dataset(run.cfg.data).split("test1")
+    images = tmp_path / "images"
+    images.mkdir()
+    for r in test.records[:3]:
+        shutil.copy(r.image_path, images / Path(r.image_path).name)
+    out = tmp_path / "preds.csv"
+    assert cli_main(["predict", str(run_dir), "--images", str(images), "--out", str(out),
+                     "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert {"radius@0.2", "stage1_x"} <= set(rows[0])
+    radius = summary["radii"]["spread"][0.2]
+    for i, r in enumerate(test.records[:3]):
+        mine = sorted((x for x in rows if x["image"] == Path(r.image_path).name),
+                      key=lambda x: int(x["landmark_index"]))
+        # predict knows no spacing: the spread radius is in the file's pixels (0.5 mm each).
+        assert {x["radius_unit"] for x in mine} == {"px"}
+        np.testing.assert_allclose([0.5 * float(x["radius@0.2"]) for x in mine], radius[i],
+                                   rtol=1e-3)
+    with pytest.raises(ConfigError, match="not built for refinement runs"):
+        evaluate_run(run, "test1", tmp_path / "eval_tta", tta_score=True)
+
+
 def test_refinement_run_resumes_and_refuses_mismatches(two_stage, tmp_path):
     root, out, stage1_dir, run_dir = two_stage
     # A finished run resumed: nothing to train, refine.json written again, same choice.
@@ -176,5 +222,6 @@ def test_landmark_index_as_input_variant(two_stage, tmp_path):
     with pytest.raises(ConfigError, match="landmark_input=embedding"):
         finetune(load_config(FINETUNE, refine_overrides(
             root, tmp_path, stage1_dir, **{"run.name": "emb2", "refine.landmark_input":
-                                           "embedding", "model.arch": "smp_unet"}),
+                                           "embedding", "model.arch": "smp_unet",
+                                           "refine.patch_size": 32}),
             cls=FinetuneConfig))
