@@ -66,7 +66,8 @@ class Launch:
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         run_dir = Path(cfg.run.output_dir) / cfg.run.name
         folder = claim_run_folder(run_dir, to_dict(cfg), cfg.train.resume, cfg.run.overwrite,
-                                  is_main=rank == 0, rank=rank, with_ema=cfg.train.ema)
+                                  is_main=rank == 0, rank=rank, with_ema=cfg.train.ema,
+                                  defaults=to_dict(type(cfg)()))
         return cls(run_dir, rank, world, folder)
 
     @property

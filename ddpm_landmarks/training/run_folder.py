@@ -73,11 +73,15 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(before: dict, after: dict) -> list[str]:
-    """'key: old -> new' for every key that differs and may not change on resume."""
-    a, b = flatten(before), flatten(after)
+def config_differences(before: dict, after: dict, defaults: Optional[dict] = None) -> list[str]:
+    """'key: old -> new' for every key that differs and may not change on resume. A key the
+    older config lacks (a field added since it was written) is no change when the new value
+    is that field's default in `defaults` (new fields default to the old behaviour)."""
+    a, b, d = flatten(before), flatten(after), flatten(defaults or {})
     changed = []
     for key in sorted(set(a) | set(b)):
+        if key not in a and key in d and b.get(key) == d[key]:
+            continue
         if a.get(key, "<absent>") != b.get(key, "<absent>") and \
                 not any(key == p or (p.endswith(".") and key.startswith(p))
                         for p in RESUMABLE_CHANGES):
@@ -165,7 +169,8 @@ def _take_lock(run_dir: Path):
 
 
 def claim_run_folder(run_dir: Path, config_dict: dict, resume: str, overwrite: bool,
-                     is_main: bool, rank: int = 0, with_ema: bool = False) -> RunFolder:
+                     is_main: bool, rank: int = 0, with_ema: bool = False,
+                     defaults: Optional[dict] = None) -> RunFolder:
     """Check that this run may use `run_dir` (module doc); lock it on the main process."""
     run_dir = Path(run_dir)
     if overwrite and resume:
@@ -173,7 +178,8 @@ def claim_run_folder(run_dir: Path, config_dict: dict, resume: str, overwrite: b
                           f"{resume!r} continues it: choose one")
     lock = _take_lock(run_dir) if is_main else None
     try:
-        folder = _decide(run_dir, config_dict, resume, overwrite, is_main, rank, with_ema)
+        folder = _decide(run_dir, config_dict, resume, overwrite, is_main, rank, with_ema,
+                         defaults)
     except BaseException:
         if lock is not None:
             _HELD.pop(run_dir.resolve(), None)
@@ -185,7 +191,7 @@ def claim_run_folder(run_dir: Path, config_dict: dict, resume: str, overwrite: b
 
 
 def _decide(run_dir: Path, config_dict: dict, resume: str, overwrite: bool, is_main: bool,
-            rank: int, with_ema: bool) -> RunFolder:
+            rank: int, with_ema: bool, defaults: Optional[dict]) -> RunFolder:
     # Only the main process judges the folder (the others may look at it after the main one
     # has started writing); every process reads the checkpoint it resumes from.
     contents = _contents(run_dir) if is_main else []
@@ -217,7 +223,7 @@ def _decide(run_dir: Path, config_dict: dict, resume: str, overwrite: bool, is_m
     if data is None:                   # nothing to resume: from step 0
         previous = _saved_config(run_dir) if is_main else None
         if previous is not None:
-            _check_same_run(previous, config_dict, f"{run_dir / 'config.yaml'}")
+            _check_same_run(previous, config_dict, f"{run_dir / 'config.yaml'}", defaults)
         elif any(name in _RUN_MARKERS for name in contents):
             raise ConfigError(f"run folder {run_dir} holds {', '.join(contents[:6])} but no "
                               f"config.yaml: not a run of this framework; choose another "
@@ -229,7 +235,7 @@ def _decide(run_dir: Path, config_dict: dict, resume: str, overwrite: bool, is_m
     if not isinstance(saved, dict):
         raise ConfigError(f"{data.path}: the checkpoint does not record its config (written by "
                           f"an older version); start afresh with run.overwrite=true")
-    _check_same_run(saved, config_dict, str(data.path))
+    _check_same_run(saved, config_dict, str(data.path), defaults)
     return RunFolder(run_dir, is_main, data, restart=False)
 
 
@@ -245,8 +251,9 @@ def _saved_config(run_dir: Path) -> Optional[dict]:
     return loaded if isinstance(loaded, dict) else None
 
 
-def _check_same_run(saved: dict, requested: dict, where: str) -> None:
-    changed = config_differences(saved, requested)
+def _check_same_run(saved: dict, requested: dict, where: str,
+                    defaults: Optional[dict] = None) -> None:
+    changed = config_differences(saved, requested, defaults)
     if changed:
         raise ConfigError(f"cannot resume {where} with another config; changed: "
                           f"{'; '.join(changed)}. Only {', '.join(RESUMABLE_CHANGES)} may change "

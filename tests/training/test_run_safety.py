@@ -93,6 +93,16 @@ def test_resume_refuses_a_changed_config_before_writing_anything(synth_root, tmp
     assert "max_steps: 4" in (run / "config.yaml").read_text()
     assert config_differences({"train": {"max_steps": 1}, "logger": {"kind": "none"}},
                               {"train": {"max_steps": 9}, "logger": {"kind": "wandb"}}) == []
+    # A checkpoint written before a field existed: the field at its default is no change (new
+    # fields default to the old behaviour); any other value is, and so is a removed key.
+    defaults = {"model": {"landmark_embedding": 0, "lr": 1.0}}
+    old = {"model": {"lr": 2.0}}
+    assert config_differences(old, {"model": {"lr": 2.0, "landmark_embedding": 0}},
+                              defaults) == []
+    assert config_differences(old, {"model": {"lr": 2.0, "landmark_embedding": 6}},
+                              defaults) == ["model.landmark_embedding: '<absent>' -> 6"]
+    assert config_differences({"model": {"lr": 2.0, "gone": 1}}, {"model": {"lr": 2.0}},
+                              defaults) == ["model.gone: 1 -> '<absent>'"]
 
 
 def test_two_processes_cannot_train_into_one_folder(tmp_path):
