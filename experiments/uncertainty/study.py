@@ -18,7 +18,8 @@
    test split's coverage measures how far the test split is from the calibration pool.
 
 Coverage target of issue 17: within +-3 percentage points of 1 - alpha, overall. With a
-two-stage (refinement) run, pass its run folder: the study reads whatever `evaluate` scores.
+two-stage (refinement) run, pass its run folder: the study reads whatever `evaluate` scores
+(no tta score for two stages).
 """
 from __future__ import annotations
 
@@ -109,7 +110,9 @@ def main() -> int:
 
     run = load_trained_run(args.run, device=args.device)
     start = time.perf_counter()
-    calibrated = calibrate_run(run, count=args.count, seed=args.seed, alphas=ALPHAS, tta=True)
+    # The tta score is not built for two-stage runs: their study has none, peak and spread.
+    calibrated = calibrate_run(run, count=args.count, seed=args.seed, alphas=ALPHAS,
+                               tta=run.refine is None)
     cal = calibrated.calibration
     t_cal = time.perf_counter() - start
     start = time.perf_counter()
