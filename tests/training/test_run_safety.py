@@ -74,6 +74,16 @@ def test_a_fresh_run_into_a_used_folder_is_refused_or_moved_aside(synth_root, tm
         finetune(ft(synth_root, tmp_path, **{"run.overwrite": "true", "train.resume": "latest"}))
 
 
+def test_two_overwrites_in_one_second_move_aside_into_two_folders(tmp_path, monkeypatch):
+    from ddpm_landmarks.training import run_folder
+    monkeypatch.setattr(run_folder.time, "strftime", lambda fmt: "20261205-120000")
+    first = run_folder._new_aside_folder(tmp_path / "ft")
+    second = run_folder._new_aside_folder(tmp_path / "ft")
+    assert [first.name, second.name] == ["ft.replaced-20261205-120000",
+                                         "ft.replaced-20261205-120000-1"]
+    assert first.is_dir() and second.is_dir()
+
+
 def test_resume_refuses_a_changed_config_before_writing_anything(synth_root, tmp_path):
     finetune(ft(synth_root, tmp_path, **{"train.max_steps": 2}))
     run = tmp_path / "ft"
