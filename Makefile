@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/ddpm-landmarks finetune configs/finetune/synthetic.yaml run.output_dir=$(RUNS) run.name=demo_finetune \
 		model.pretrained_path=$(RUNS)/demo_pretrain/export run.overwrite=true
 	$(BIN)/ddpm-landmarks evaluate $(RUNS)/demo_finetune --split test1
-	$(BIN)/ddpm-landmarks mean-shape configs/synthetic.yaml run.output_dir=$(RUNS) run.name=demo_mean_shape \
+	$(BIN)/ddpm-landmarks mean-shape configs/synthetic.yaml run.output_dir=$(RUNS) run.name=demo_mean_shape run.overwrite=true \
 		data.image_size=64
 
 test: install

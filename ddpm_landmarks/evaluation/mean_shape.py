@@ -14,20 +14,34 @@ from ddpm_landmarks.config.schema import save_config
 from ddpm_landmarks.data.registry import build_dataset
 from ddpm_landmarks.data.splits import dataset_fewshot_split, save_split
 from ddpm_landmarks.data.transforms import LandmarkTransform, map_to_original
+from ddpm_landmarks.errors import ConfigError
 from ddpm_landmarks.evaluation.evaluate import (
     evaluate_predictions,
     ground_truths,
     write_overlays,
 )
 from ddpm_landmarks.models.mean_shape import MeanShapePredictor
+from ddpm_landmarks.utils.atomic import move_contents_aside
 from ddpm_landmarks.utils.logging_setup import setup_logging
 
 log = logging.getLogger(__name__)
 
 
 def prepare_run_dir(cfg) -> Path:
-    """Create run.output_dir/run.name and write the resolved config into it."""
+    """Create run.output_dir/run.name and write the resolved config into it. As for training
+    runs, a folder that holds anything belongs to another run: an error, or with
+    run.overwrite=true its contents are moved aside first (a mean shape never writes its
+    config.yaml over a trained run's)."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    contents = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if contents and not cfg.run.overwrite:
+        raise ConfigError(f"run folder {run_dir} is not empty ({', '.join(contents[:6])}"
+                          f"{', ...' if len(contents) > 6 else ''}): it belongs to another run. "
+                          f"Start afresh with run.overwrite=true (moves the old contents "
+                          f"aside), or choose another run.name")
+    if contents:
+        aside = move_contents_aside(run_dir, contents)
+        log.warning("run.overwrite: the previous contents of %s moved to %s", run_dir, aside)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     setup_logging(run_dir)

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -45,7 +44,7 @@ from ddpm_landmarks.training.checkpoint import (
     list_checkpoints,
     read_checkpoint,
 )
-from ddpm_landmarks.utils.atomic import atomic_write_text
+from ddpm_landmarks.utils.atomic import atomic_write_text, move_contents_aside
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +202,7 @@ def _decide(run_dir: Path, config_dict: dict, resume: str, overwrite: bool, is_m
                 f"that run with train.resume=latest, or start afresh with run.overwrite=true "
                 f"(moves the old contents aside), or choose another run.name")
         if contents and is_main:
-            aside = _new_aside_folder(run_dir)
-            for name in contents:
-                os.replace(run_dir / name, aside / name)
+            aside = move_contents_aside(run_dir, contents)
             log.warning("run.overwrite: the previous contents of %s moved to %s", run_dir, aside)
         return RunFolder(run_dir, is_main, None, restart=False)
 
@@ -273,16 +270,3 @@ def truncate_metrics(path: Path, step: int) -> None:
             kept.append(line)
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
-
-def _new_aside_folder(run_dir: Path) -> Path:
-    """A new, empty <run_dir>.replaced-<time>[-n] folder (two overwrites in one second must not
-    collide)."""
-    stem = f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-    for n in range(1000):
-        aside = run_dir.with_name(stem if n == 0 else f"{stem}-{n}")
-        try:
-            aside.mkdir()
-            return aside
-        except FileExistsError:
-            continue
-    raise ConfigError(f"run.overwrite: could not create a new folder beside {run_dir}")

@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -110,3 +111,23 @@ def _fsync_files(folder: Path) -> None:
     for f in folder.rglob("*"):
         if f.is_file():
             fsync_path(f)
+
+
+def move_contents_aside(folder: Path, names: list[str]) -> Path:
+    """Move `names` (entries of `folder`) into a new, empty <folder>.replaced-<time>[-n] beside
+    it (run.overwrite=true: the old run is kept, never mixed with the new one; two overwrites in
+    one second get two folders). Returns that folder."""
+    folder = Path(folder)
+    stem = f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1000):
+        aside = folder.with_name(stem if n == 0 else f"{stem}-{n}")
+        try:
+            aside.mkdir()
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free <name>.replaced-<time>-n folder beside {folder}")
+    for name in names:
+        os.replace(folder / name, aside / name)
+    return aside

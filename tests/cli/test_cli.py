@@ -57,6 +57,18 @@ def test_mean_shape_end_to_end_writes_run_folder(synthetic_config, tmp_path, cap
     assert 0 < metrics["mre"] < 20
     assert len(list((run / "eval_test1" / "overlays").glob("*.png"))) == 6
     assert "| MRE |" in capsys.readouterr().out
+    # The folder now belongs to that run: a second mean shape is refused before it writes
+    # anything; with run.overwrite=true the old contents move aside.
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert main(["mean-shape", str(synthetic_config), "fewshot.budget=5"]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert load_config(run / "config.yaml").fewshot.budget == 8
+    assert main(["mean-shape", str(synthetic_config), "fewshot.budget=5",
+                 "run.overwrite=true"]) == 0
+    assert load_config(run / "config.yaml").fewshot.budget == 5
+    aside = list(run.parent.glob("test.replaced-*"))
+    assert len(aside) == 1 and load_config(aside[0] / "config.yaml").fewshot.budget == 8
 
 
 def test_perfect_predictions_round_trip_to_zero_error(synthetic_config):

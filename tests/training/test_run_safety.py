@@ -75,13 +75,16 @@ def test_a_fresh_run_into_a_used_folder_is_refused_or_moved_aside(synth_root, tm
 
 
 def test_two_overwrites_in_one_second_move_aside_into_two_folders(tmp_path, monkeypatch):
-    from ddpm_landmarks.training import run_folder
-    monkeypatch.setattr(run_folder.time, "strftime", lambda fmt: "20261205-120000")
-    first = run_folder._new_aside_folder(tmp_path / "ft")
-    second = run_folder._new_aside_folder(tmp_path / "ft")
-    assert [first.name, second.name] == ["ft.replaced-20261205-120000",
-                                         "ft.replaced-20261205-120000-1"]
-    assert first.is_dir() and second.is_dir()
+    from ddpm_landmarks.utils import atomic
+    monkeypatch.setattr(atomic.time, "strftime", lambda fmt: "20261205-120000")
+    run = tmp_path / "ft"
+    for text in ("first", "second"):
+        run.mkdir(exist_ok=True)
+        (run / "config.yaml").write_text(text)
+        atomic.move_contents_aside(run, ["config.yaml"])
+    assert list(run.iterdir()) == []
+    assert [(p.name, (p / "config.yaml").read_text()) for p in sorted(tmp_path.glob("ft.*"))] == [
+        ("ft.replaced-20261205-120000", "first"), ("ft.replaced-20261205-120000-1", "second")]
 
 
 def test_resume_refuses_a_changed_config_before_writing_anything(synth_root, tmp_path):
