@@ -7,8 +7,8 @@ Pairs share everything but the compared thing: cells (a, N, s) and (b, N, s) are
 same few-shot draw s with training seed s and scored on the same test images; stage 1 and the
 final points of one cell are the same run. Per image, the error is the mean radial error over
 its landmarks (from the evaluation's predictions.csv; a missed landmark is left out, and
-counted). For every budget and stage (stage 1, final) and for the refinement (final - stage 1
-per init):
+counted). For every budget and stage (stage 1, final; a cell without refinement counts as
+stage 1 beside two-stage cells) and for the refinement (final - stage 1 per init):
 - within each seed: the per-image differences d_i = e_a(i) - e_b(i) (negative = a better),
   their mean with a percentile bootstrap 95 % interval over images, and the Wilcoxon
   signed-rank two-sided p (studies/paired_stats.py);
@@ -80,8 +80,11 @@ def compare_grid(grid_dir: Path, a: str, b: str, dataset: Optional[str] = None) 
     budget}; each row has the per-seed comparisons and the over-seeds interval."""
     cells = [c for c in expand_stages(load_cells(grid_dir)) if c.get("status") == "done"
              and (dataset is None or c["dataset"] == dataset)]
-    by_key = {(c["dataset"], c["init"], c.get("budget_label"), c.get("stage", ""), c["seed"]): c
-              for c in cells}
+    # A one-stage cell's points are stage-1 points: in a grid that also has two-stage cells
+    # (e.g. an init run without refinement) it is compared with the others' stage 1.
+    two_stage = any(c.get("stage") for c in cells)
+    by_key = {(c["dataset"], c["init"], c.get("budget_label"),
+               c.get("stage") or (STAGE1 if two_stage else ""), c["seed"]): c for c in cells}
     known = sorted({c["init"] for c in cells})
     missing = [name for name in (a, b) if name not in known]
     if missing:

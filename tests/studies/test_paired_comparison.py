@@ -42,6 +42,15 @@ def write_cell(grid: Path, init: str, seed: int, final: np.ndarray, stage1: np.n
         "stage1_metrics": {**metrics, "mre": float(stage1.mean())}}))
 
 
+def write_one_stage_cell(grid: Path, init: str, seed: int, errors: np.ndarray):
+    d = grid / "cells" / f"ds-{init}-N10-s{seed}"
+    write_predictions(d / "eval_test1", errors)
+    (d / "cell.json").write_text(json.dumps({
+        "dataset": "ds", "init": init, "budget": 10, "budget_label": "10", "seed": seed,
+        "status": "done", "name": d.name, "run_dir": str(d), "eval_split": "test1",
+        "metrics": {"unit": "mm", "mre": float(errors.mean()), "thresholds": [2.0]}}))
+
+
 @pytest.fixture()
 def grid(tmp_path) -> Path:
     rng = np.random.default_rng(0)
@@ -86,3 +95,28 @@ def test_compare_cli(grid, capsys):
     assert "| ds | 10 | final | 3 |" in out and "a better" in out
     assert (grid / "report" / "compare_a_vs_b.csv").is_file()
     assert cli_main(["compare", str(grid), "--a", "x", "--b", "y"]) == 2
+
+
+def test_a_one_stage_init_is_compared_with_the_others_stage_1(grid):
+    """An init run without refinement (one-stage cells) beside two-stage cells: its points are
+    stage-1 points, paired with the other init's stage 1, never with its final points."""
+    stage1_of_b = {s: per_image_errors(grid / "cells" / f"ds-b-N10-s{s}" / "refine" /
+                                       "eval_test1" / "stage1") for s in range(3)}
+    for seed in range(3):
+        errors = np.array([stage1_of_b[seed][f"im{i}"] for i in range(IMAGES)]) - 0.2
+        write_one_stage_cell(grid, "c", seed, errors)
+    rows = {r["label"]: r for r in compare_grid(grid, "c", "b")["inits"]}
+    assert set(rows) == {"stage 1"}
+    assert [x["mean_diff"] for x in rows["stage 1"]["per_seed"]] == pytest.approx([-0.2] * 3)
+    assert rows["stage 1"]["verdict"] == "c better"
+
+
+def test_one_stage_grids_keep_their_unnamed_stage(tmp_path):
+    rng = np.random.default_rng(1)
+    for seed in range(3):
+        b = rng.uniform(1.5, 2.5, IMAGES)
+        write_one_stage_cell(tmp_path, "a", seed, b - 0.1)
+        write_one_stage_cell(tmp_path, "b", seed, b)
+    rows = compare_grid(tmp_path, "a", "b")["inits"]
+    assert [r["label"] for r in rows] == [""]
+    assert rows[0]["mean_diff"] == pytest.approx(-0.1) and rows[0]["verdict"] == "a better"

@@ -27,7 +27,7 @@ from ddpm_landmarks.experiments.report import (
 from ddpm_landmarks.utils.atomic import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
-PARTS = ["N10-N50", "N5-stage1"]   # N5-stage1 -> N5-N25 once N = 5 has both stages
+PARTS = ["N10-N50", "N5-N25"]
 METRICS = ("mre", "sd", "median")
 
 
