@@ -211,6 +211,13 @@ class RefineConfig:
     # for; visible = every landmark inside the patch (the others are masked out of the loss).
     supervise: Literal["own", "visible"] = "own"
     iterations: int = ranged(1, ">= 1")  # re-centre on the refined point and refine again
+    # Inference cost: landmarks of one image within share_radius patch pixels of a common
+    # centre share one patch (one forward; each reads its own channel). Needs
+    # supervise=visible, so that a channel knows its landmark anywhere on a patch (training
+    # then also moves each patch centre within share_radius); at most (patch_size - 1) / 2.
+    # Use it with prior_weight > 0: the stage-1 heatmap says which of two look-alike
+    # neighbours on a shared patch is which. 0 = one patch per landmark.
+    share_radius: float = ranged(0.0, ">= 0")
     # Context against look-alikes (inference): the local heatmap times the stage-1 heatmap
     # resampled onto the patch to the power prior_weight (0 = off) ...
     prior_weight: float = ranged(0.0, ">= 0")
@@ -252,9 +259,24 @@ class FinetuneConfig:
         """Rules joining two fields (config/ranges.py): the smp U-Nets downsample five times,
         so their input side is a multiple of 32. The DDPM U-Net's rule depends on its levels
         (the export's config), checked when the model is built, before the run writes. A
-        refinement run's model sees refine.patch_size patches (data.image_size is stage 1's)."""
+        refinement run's model sees refine.patch_size patches (data.image_size is stage 1's).
+        A shared patch (refine.share_radius) needs channels trained on every visible landmark
+        and keeps its landmarks inside the patch."""
         key, size = ("refine.patch_size", self.refine.patch_size) if self.refine.enabled else \
             ("data.image_size", self.data.image_size)
+        refine = self.refine
+        if refine.enabled and refine.share_radius > 0:
+            if refine.landmark_input != "channels" or refine.supervise != "visible":
+                raise ConfigError(
+                    f"{dotted(prefix, 'refine.share_radius')}: {refine.share_radius:g} shares "
+                    f"a patch between landmarks, which needs refine.landmark_input=channels and "
+                    f"refine.supervise=visible (here {refine.landmark_input} / "
+                    f"{refine.supervise}): set those, or refine.share_radius=0")
+            if refine.share_radius > (refine.patch_size - 1) / 2:
+                raise ConfigError(
+                    f"{dotted(prefix, 'refine.share_radius')}: {refine.share_radius:g} patch "
+                    f"pixels would put a landmark outside its {refine.patch_size} px patch; "
+                    f"at most {(refine.patch_size - 1) / 2:g}")
         if self.model.arch.startswith("smp_") and size % SMP_SIZE_MULTIPLE:
             raise ConfigError(f"{dotted(prefix, key)}: {size} is not a multiple of "
                               f"{SMP_SIZE_MULTIPLE}, which model.arch={self.model.arch} needs "

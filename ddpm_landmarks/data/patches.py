@@ -10,7 +10,8 @@ image and points alike, float64, exact inverse).
 The patch grid is isotropic in ORIGINAL pixels and tied to the image's extent: one patch pixel
 is long side / `grid` original pixels, so a patch of the same anatomy is the same whether the
 file is the 1935 x 2400 original or its 413 x 512 copy (grid 512 = the copy's own pixels).
-The patch centre (the point) sits at ((P - 1) / 2, (P - 1) / 2).
+The patch centre (the point) sits at ((P - 1) / 2, (P - 1) / 2). shared_patches: one centre
+for several nearby points (landmarks that share a patch at inference, refine.share_radius).
 
 PatchDataset: the training items of the local network, one per (labelled image, landmark):
 the patch cut around the ground truth moved by a random jitter (the stage-1 error it must
@@ -18,6 +19,8 @@ undo), rotated / scaled / sheared about its centre (the augment section; its tra
 replaced by the jitter), with intensity augmentation, and the heatmap targets of the landmarks
 on it (only the patch's own landmark, or every visible one, supervised: `supervise`), or with
 own_channel_only just the patch's landmark as one channel (a landmark-conditioned network).
+With share_radius r (patch pixels) the centre is moved further, uniformly within r: a patch
+shared by nearby landmarks at inference shows each up to r from its centre.
 """
 from __future__ import annotations
 
@@ -57,6 +60,28 @@ def patch_matrix(centre: Sequence[float], pixel: float, size: int) -> np.ndarray
     c = (size - 1) / 2.0
     return (translation_matrix(c, c) @ scale_matrix(1.0 / pixel, 1.0 / pixel)
             @ translation_matrix(-float(centre[0]), -float(centre[1])))
+
+
+def shared_patches(points: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Points (n, 2) of one image -> (centres (m, 2), member (n,): the centre each point is
+    read around), every point within `radius` (the points' unit) of its centre. Greedy cover:
+    candidate centres are the points and the midpoints of every pair; the one covering the
+    most points not yet covered is taken (ties: the first), until all are. radius 0: every
+    point its own centre (one patch per landmark, as without sharing)."""
+    points = np.asarray(points, dtype=np.float64)
+    n = len(points)
+    if radius <= 0 or n < 2:
+        return points.copy(), np.arange(n)
+    first, second = np.triu_indices(n, k=1)
+    candidates = np.concatenate([points, 0.5 * (points[first] + points[second])])
+    covers = np.linalg.norm(candidates[:, None] - points[None], axis=-1) <= radius   # (C, n)
+    member = np.full(n, -1)
+    centres = []
+    while (member < 0).any():
+        best = int(np.argmax(covers[:, member < 0].sum(axis=1)))
+        member[covers[best] & (member < 0)] = len(centres)
+        centres.append(candidates[best])
+    return np.stack(centres), member
 
 
 def stored_to_original(sample: LandmarkSample) -> np.ndarray:
@@ -102,7 +127,7 @@ class PatchDataset(ItemRandomness, torch.utils.data.Dataset):
     def __init__(self, dataset: LandmarkDataset, aug_cfg: AugmentConfig,
                  heatmap_cfg: HeatmapConfig, patch_size: int, grid: int,
                  jitter_px: np.ndarray, supervise: str = "own", train: bool = True,
-                 seed: int = 0, own_channel_only: bool = False):
+                 seed: int = 0, own_channel_only: bool = False, share_radius: float = 0.0):
         if aug_cfg.flip_prob > 0:
             raise ValueError("refinement patches are never flipped (a flip changes which "
                              "landmark a patch shows); set augment.flip_prob=0")
@@ -112,6 +137,7 @@ class PatchDataset(ItemRandomness, torch.utils.data.Dataset):
         self.size, self.grid = int(patch_size), int(grid)
         self.heatmap_cfg, self.supervise, self.train = heatmap_cfg, supervise, train
         self.own_channel_only = own_channel_only
+        self.share_radius = float(share_radius)
         # The jitter is the translation: the affine only rotates / scales / shears the patch.
         self.augment = dataclasses.replace(aug_cfg, translate=0.0)
         self.jitter_px = np.asarray(jitter_px, dtype=np.float64)
@@ -151,6 +177,12 @@ class PatchDataset(ItemRandomness, torch.utils.data.Dataset):
         matrix = None
         if rng is not None:
             centre += rng.normal(size=2) * self.jitter_px[image_index, landmark]
+            if self.share_radius > 0:
+                # A shared patch at inference shows its landmark up to share_radius patch px
+                # from the centre: train on that (uniform over the disc).
+                angle = rng.uniform(0, 2 * np.pi)
+                radius = self.share_radius * np.sqrt(rng.uniform())
+                centre += pixel * radius * np.array([np.cos(angle), np.sin(angle)])
             matrix = random_affine_matrix(rng, self.augment, self.size)
         to_patch = patch_matrix(centre, pixel, self.size)
         if matrix is not None:

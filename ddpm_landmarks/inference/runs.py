@@ -338,7 +338,10 @@ def evaluate_run(run: TrainedRun, split: Optional[str] = None,
                                                "decoder": g.decoder.name, "calibration": None})
         extra.update(stage1=compact(stage1), refine_iterations=run.refine.settings.iterations,
                      refine_max_shift=cfg.refine.max_shift,
-                     refine_prior_weight=cfg.refine.prior_weight)
+                     refine_prior_weight=cfg.refine.prior_weight,
+                     refine_share_radius=cfg.refine.share_radius,
+                     # The cost of stage 2: local-network forwards per image.
+                     refine_patches_per_image=float(np.mean(est.two_stage.patches)))
     radii = calibration.radii(est.scales) if calibration else None
     flag_radius = default_threshold(test, cfg, cfg.uncertainty.flag_radius)
     columns = {f"uncertainty_{name}": u for name, u in est.scales.items() if name != "none"}

@@ -20,6 +20,12 @@ own for `predict`). Refinement of landmark k (iteration i = 1 .. iterations[k]):
   3. the decoded point is mapped back with the patch's exact inverse. No usable peak, or a
      point farther than the displacement limit from stage 1's, keeps the previous point.
 All patches of a batch go through the local network in one forward (chunks of `chunk`).
+With refine.share_radius r > 0, landmarks of one image whose current points lie within r
+patch pixels of a common centre share one patch (shared_patches: a greedy cover by discs
+centred on a point or the midpoint of two), and each reads its own channel of it: fewer
+forwards where landmarks cluster (a run trained with refine.supervise=visible, whose channels
+know their landmark anywhere on a patch). The patch pixel count per image is in
+TwoStageOutput.patches.
 
 Which landmarks are refined, and how often, is per landmark (RefineSettings.iterations: 0 =
 stage 1 kept), chosen on validation images at the end of training (choose_iterations) and
@@ -40,6 +46,7 @@ from ddpm_landmarks.data.patches import (
     on_patch_grid,
     patch_matrix,
     patch_pixel,
+    shared_patches,
     stored_to_original,
 )
 from ddpm_landmarks.data.sample import LandmarkDataset
@@ -102,6 +109,8 @@ class TwoStageOutput:
     stage1_covariance: Optional[np.ndarray] = None   # (B, K, 2, 2) model-grid px^2
     model_to_original: Optional[np.ndarray] = None   # (B, 3, 3)
     patch_covariance: Optional[np.ndarray] = None    # (B, K, 2, 2) patch px^2
+    # Patches through the local network per image, all iterations (the cost of stage 2).
+    patches: Optional[np.ndarray] = None             # (B,) int
 
 
 class PatchRefiner:
@@ -117,6 +126,7 @@ class PatchRefiner:
         self.conditioned = getattr(getattr(model, "cfg", None), "landmark_embedding", 0) > 0
         self.size, self.grid = int(cfg.refine.patch_size), int(cfg.refine.grid)
         self.prior_weight = float(cfg.refine.prior_weight)
+        self.share_radius = float(getattr(cfg.refine, "share_radius", 0.0))
         # Radius of the local peak the prior chooses: 2 sigma of the local targets.
         self.window = 2.0 * (cfg.heatmap.sigma if cfg.heatmap.kind == "gaussian"
                              else cfg.heatmap.disc_radius)
@@ -129,34 +139,43 @@ class PatchRefiner:
         self.device = torch.device(device) if device is not None else next(
             model.parameters()).device
 
-    def local_heatmaps(self, patches: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-        """(n, P, P) patches in [0, 1] of landmarks (n,) -> (n, P, P) heatmaps of those
-        landmarks (channel k of the local network; flip TTA: averaged with the mirrored patch
-        read at the mirror landmark's channel)."""
-        out = []
+    def local_heatmaps(self, patches: np.ndarray, landmarks: np.ndarray,
+                       patch_of: Optional[np.ndarray] = None) -> np.ndarray:
+        """(m, P, P) patches in [0, 1], landmarks (n,) and the patch each is read on (n,)
+        (None: landmark n on patch n) -> (n, P, P) heatmaps (channel k of the local network;
+        flip TTA: averaged with the mirrored patch read at the mirror landmark's channel).
+        Each patch goes through the network once, however many landmarks it shows."""
+        landmarks = np.asarray(landmarks, dtype=np.int64)
+        patch_of = np.arange(len(landmarks)) if patch_of is None else np.asarray(patch_of)
+        out = np.zeros((len(landmarks), self.size, self.size), np.float32)
         with eval_mode(self.model):
             for start in range(0, len(patches), self.chunk):
-                x = torch.from_numpy(patches[start:start + self.chunk] * 2.0 - 1.0)[:, None]
+                stop = min(start + self.chunk, len(patches))
+                rows = np.nonzero((patch_of >= start) & (patch_of < stop))[0]
+                if not len(rows):
+                    continue
+                x = torch.from_numpy(patches[start:stop] * 2.0 - 1.0)[:, None]
                 x = x.to(self.device, torch.float32)
-                ks = torch.as_tensor(landmarks[start:start + self.chunk], dtype=torch.long)
-                own = self._channel(x, ks)
+                which = torch.as_tensor(patch_of[rows] - start, dtype=torch.long)
+                ks = torch.as_tensor(landmarks[rows], dtype=torch.long)
+                own = self._channel(x, which, ks)
                 if self.flip_tta:
                     partner = torch.as_tensor([self.permutation[int(k)] for k in ks])
-                    mirrored = self._channel(torch.flip(x, dims=[-1]), partner)
+                    mirrored = self._channel(torch.flip(x, dims=[-1]), which, partner)
                     own = 0.5 * (own + torch.flip(mirrored, dims=[-1]))
-                out.append(own.float().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.size, self.size), np.float32)
+                out[rows] = own.float().numpy()
+        return out
 
-    def _channel(self, x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
-        """(n, P, P) heatmaps of landmarks ks: channel k of the K outputs, or the one output of
-        a landmark-conditioned network given k."""
+    def _channel(self, x: torch.Tensor, which: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+        """(n, P, P) heatmaps of landmarks ks on patches x[which]: channel k of the K outputs,
+        or the one output of a landmark-conditioned network given k."""
         if self.conditioned:
-            out = self.model(x, ks.to(x.device))
-            ks = torch.zeros_like(ks)
+            out = self.model(x[which], ks.to(x.device))
+            which, ks = torch.arange(len(ks)), torch.zeros_like(ks)
         else:
             out = self.model(x)
         maps = outputs_to_heatmaps(out, self.loss_name, self.region_size).cpu()
-        return maps[torch.arange(len(ks)), ks]
+        return maps[which, ks]
 
     def apply_prior(self, maps: np.ndarray, priors: np.ndarray) -> np.ndarray:
         """The local maps (n, P, P) restricted to a disc of radius window around the peak of
@@ -188,6 +207,7 @@ class PatchRefiner:
         last_matrix = np.full((b, k, 3, 3), np.nan)
         last_maps = np.full((b, k, self.size, self.size), np.nan, dtype=np.float32)
         final, final_peak = stage1.copy(), peak.copy()
+        patches = np.zeros(b, dtype=np.int64)
         # Each image once on the patch grid: no antialiasing resize per patch.
         sources = [Source(*on_patch_grid(s.image, s.to_original, s.original_wh, self.grid),
                           s.model_to_original, s.original_wh) for s in sources]
@@ -196,37 +216,44 @@ class PatchRefiner:
                     if (explore or wanted[j] > it) and np.isfinite(current[i, j]).all()]
             if todo:
                 self._step(todo, current, peak, stage1, stage1_maps, sources, last_matrix,
-                           last_maps)
+                           last_maps, patches)
             history.append(current.copy())
             chosen = wanted == it + 1
             final[:, chosen], final_peak[:, chosen] = current[:, chosen], peak[:, chosen]
         not_refined = wanted == 0
         last_matrix[:, not_refined], last_maps[:, not_refined] = np.nan, np.nan
         return TwoStageOutput(stage1.copy(), final, stage1_peak.astype(np.float64), final_peak,
-                              history, last_matrix, last_maps)
+                              history, last_matrix, last_maps, patches=patches)
 
     def _step(self, todo, current, peak, stage1, stage1_maps, sources, last_matrix,
-              last_maps) -> None:
+              last_maps, patches_per_image) -> None:
         """One refinement of the (image, landmark) pairs `todo`, in place."""
-        matrices, patches, priors = [], [], []
-        for i, j in todo:
+        matrices, patches, patch_of = [], [], np.zeros(len(todo), dtype=np.int64)
+        for i in sorted({i for i, _ in todo}):
+            rows = [n for n, (ii, _) in enumerate(todo) if ii == i]
             src = sources[i]
-            m = patch_matrix(current[i, j], patch_pixel(src.original_wh, self.grid), self.size)
-            matrices.append(m)
-            patches.append(cut_patch(src.image, src.to_original, m, self.size))
-            if self.prior_weight > 0:
-                priors.append(warp_image(np.asarray(stage1_maps[i, j], np.float32),
-                                         m @ src.model_to_original, self.size))
+            pixel = patch_pixel(src.original_wh, self.grid)
+            points = np.stack([current[i, todo[n][1]] for n in rows])
+            centres, member = shared_patches(points, self.share_radius * pixel)
+            patch_of[rows] = len(matrices) + member
+            for centre in centres:
+                m = patch_matrix(centre, pixel, self.size)
+                matrices.append(m)
+                patches.append(cut_patch(src.image, src.to_original, m, self.size))
+            patches_per_image[i] += len(centres)
         maps = self.local_heatmaps(np.stack(patches).astype(np.float32),
-                                   np.array([j for _, j in todo]))
+                                   np.array([j for _, j in todo]), patch_of)
         if self.prior_weight > 0:
+            priors = [warp_image(np.asarray(stage1_maps[i, j], np.float32),
+                                 matrices[patch_of[n]] @ sources[i].model_to_original,
+                                 self.size) for n, (i, j) in enumerate(todo)]
             maps = self.apply_prior(maps, np.stack(priors))
         points, conf = decode(maps[:, None], self.decoder_cfg)
         points, conf = points[:, 0], conf[:, 0]
         for n, (i, j) in enumerate(todo):
             if not np.isfinite(points[n]).all():
                 continue
-            back = np.linalg.inv(matrices[n])
+            back = np.linalg.inv(matrices[patch_of[n]])
             moved = apply_matrix(back, points[n])
             limit = self.settings.max_shift_px
             if limit is not None:
@@ -324,7 +351,7 @@ def concat_outputs(parts: Sequence[TwoStageOutput]) -> TwoStageOutput:
     return TwoStageOutput(cat("stage1"), cat("final"), cat("stage1_peak"), cat("final_peak"),
                           [np.concatenate([p.history[i] for p in parts]) for i in range(steps)],
                           cat("patch_to_original"), cat("patch_maps"), cat("stage1_covariance"),
-                          cat("model_to_original"), cat("patch_covariance"))
+                          cat("model_to_original"), cat("patch_covariance"), cat("patches"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -188,7 +188,8 @@ def _train_refinement(cfg: FinetuneConfig, launch: Launch) -> dict:
         patches = PatchDataset(train, cfg.augment, cfg.heatmap, cfg.refine.patch_size,
                                cfg.refine.grid, jitter_px, cfg.refine.supervise, train=True,
                                seed=cfg.train.seed + 7919 * launch.rank,
-                               own_channel_only=embedding)
+                               own_channel_only=embedding,
+                               share_radius=cfg.refine.share_radius)
     except ValueError as err:
         raise ConfigError(f"refine: {err}") from None
     set_seed(cfg.train.seed)

@@ -106,6 +106,18 @@ def test_smp_architecture_needs_a_multiple_of_32():
                     cls=FinetuneConfig)
 
 
+def test_shared_refinement_patches_need_visible_supervision_and_fit_the_patch():
+    on = ["refine.enabled=true", "refine.patch_size=32", "refine.share_radius=8"]
+    load_config(None, on + ["refine.supervise=visible"], cls=FinetuneConfig)
+    load_config(None, ["refine.share_radius=8"], cls=FinetuneConfig)     # refinement off
+    with pytest.raises(ConfigError, match=r"refine\.share_radius: 8 .*refine\.supervise=visible"
+                                          r" \(here channels / own\)"):
+        load_config(None, on, cls=FinetuneConfig)
+    with pytest.raises(ConfigError, match=r"refine\.share_radius: 16 .*at most 15\.5"):
+        load_config(None, on + ["refine.supervise=visible", "refine.share_radius=16"],
+                    cls=FinetuneConfig)
+
+
 def test_experiment_file_values_are_range_checked(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text("datasets: {synthetic: {}}\ninits: {scratch: {}}\n"

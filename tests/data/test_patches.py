@@ -14,6 +14,7 @@ from ddpm_landmarks.data.patches import (
     patch_matrix,
     patch_pixel,
     random_crop_matrix,
+    shared_patches,
     stored_to_original,
 )
 from ddpm_landmarks.data.sample import (
@@ -168,3 +169,29 @@ def test_random_crop_matrix_scale():
     assert np.linalg.norm(m[:2, :2], axis=0) == pytest.approx([0.5, 0.5])
     centre = apply_matrix(np.linalg.inv(m), np.array([15.5, 15.5]))
     assert -0.5 <= centre[0] <= 412.5 and -0.5 <= centre[1] <= 511.5
+
+
+def test_shared_patches_cover_nearby_points_once():
+    """Two pairs closer than 2 r share a centre (their midpoint), a lone point keeps its own;
+    radius 0 is one patch per point, exactly at the point."""
+    points = np.array([[0.0, 0.0], [6.0, 0.0], [30.0, 0.0], [31.0, 0.5], [100.0, 100.0]])
+    centres, member = shared_patches(points, 4.0)
+    assert len(centres) == 3
+    assert member[0] == member[1] and member[2] == member[3] and len(set(member)) == 3
+    assert centres[member[0]] == pytest.approx([3.0, 0.0])
+    assert centres[member[4]] == pytest.approx([100.0, 100.0])
+    alone, own = shared_patches(points, 0.0)
+    assert np.array_equal(alone, points) and np.array_equal(own, np.arange(5))
+
+
+def test_shared_patches_keep_every_point_within_the_radius():
+    rng = np.random.default_rng(0)
+    for radius in (2.0, 8.0, 20.0):
+        points = rng.uniform(0, 100, (40, 2))
+        centres, member = shared_patches(points, radius)
+        assert (np.linalg.norm(points - centres[member], axis=1) <= radius + 1e-9).all()
+        assert len(centres) < 40 and sorted(set(member)) == list(range(len(centres)))
+    # Greedy: the densest cluster first.
+    points = np.array([[50.0, 50.0], [0.0, 0.0], [0.5, 0.0], [0.0, 0.5]])
+    centres, member = shared_patches(points, 1.0)
+    assert member.tolist() == [1, 0, 0, 0]

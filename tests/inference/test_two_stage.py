@@ -60,14 +60,15 @@ def source(image) -> Source:
     return Source(image, stored_to_orig, np.linalg.inv(to_model), ORIGINAL)
 
 
-def refiner(iterations=1, prior_weight=0.0, max_shift_px=None, grid=512, flip=None):
+def refiner(iterations=1, prior_weight=0.0, max_shift_px=None, grid=512, flip=None,
+            share_radius=0.0, model=None):
     cfg = FinetuneConfig()
     cfg.refine = dataclasses.replace(cfg.refine, patch_size=32, grid=grid,
-                                     prior_weight=prior_weight)
+                                     prior_weight=prior_weight, share_radius=share_radius)
     cfg.heatmap = dataclasses.replace(cfg.heatmap, sigma=1.5)        # the prior's window: 3 px
     settings = RefineSettings([iterations] * K if np.isscalar(iterations) else list(iterations),
                               max_shift_px)
-    return PatchRefiner(PatchIsHeatmap(), cfg, settings, flip_permutation=flip,
+    return PatchRefiner(model or PatchIsHeatmap(), cfg, settings, flip_permutation=flip,
                         flip_tta=flip is not None)
 
 
@@ -134,6 +135,50 @@ def test_flip_tta_mirrors_back():
     plain = run(refiner(), blobs(TRUTH))
     flipped = run(refiner(flip=list(range(K))), blobs(TRUTH))
     assert np.abs(flipped.final - plain.final).max() < 0.05
+
+
+class ChannelTimesIndex(nn.Module):
+    """Channel k = the patch times (k + 1): which patch and which channel a map came from."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return x * torch.arange(1, K + 1, dtype=x.dtype)[None, :, None, None]
+
+
+def test_local_heatmaps_read_each_landmark_on_its_patch():
+    patches = np.random.default_rng(0).uniform(0, 1, (2, 32, 32)).astype(np.float32)
+    ref = refiner(model=ChannelTimesIndex())
+    ref.chunk = 1                                       # patches in separate forwards too
+    maps = ref.local_heatmaps(patches, np.array([2, 0, 1]), np.array([1, 1, 0]))
+    expected = [(patches[1] * 2 - 1) * 3, (patches[1] * 2 - 1) * 1, (patches[0] * 2 - 1) * 2]
+    assert np.allclose(maps, np.stack(expected), atol=1e-6)
+
+
+def test_shared_patch_refines_neighbours_in_one_forward():
+    """Landmarks 0 and 1 five patch px apart, equally bright: with refine.share_radius they are
+    read on one patch (2 forwards for 3 landmarks), the stage-1 prior picks each one's blob,
+    and each lands on its own truth in original pixels, as with a patch per landmark."""
+    pixel = patch_pixel(ORIGINAL, 512)
+    truth = TRUTH.copy()
+    truth[1] = truth[0] + np.array([4.0, 3.0]) * pixel
+    stage1 = truth + np.array([[1.2, -0.8], [-1.0, 1.1], [0.9, 1.3]]) * pixel
+    to_model = original_to_model_matrix(ORIGINAL, 64, "stretch")
+    maps = np.stack([gaussian_heatmaps(apply_matrix(to_model, p[None]), (64, 64), sigma=0.3)[0]
+                     for p in stage1])[None]
+    image = blobs(truth)
+    own = run(refiner(prior_weight=1.0), image, stage1=stage1, maps=maps)
+    shared = run(refiner(prior_weight=1.0, share_radius=4.0), image, stage1=stage1, maps=maps)
+    assert own.patches.tolist() == [3] and shared.patches.tolist() == [2]
+    stored_px = 1 / np.array(SCALE)
+    for out in (own, shared):
+        assert (np.abs(out.final[0] - truth) / stored_px).max() < 0.05
+    # Both read on the same patch: one matrix, centred between their stage-1 points.
+    assert np.array_equal(shared.patch_to_original[0, 0], shared.patch_to_original[0, 1])
+    centre = apply_matrix(shared.patch_to_original[0, 0], np.array([15.5, 15.5]))
+    assert centre == pytest.approx(stage1[:2].mean(axis=0))
 
 
 def test_choose_iterations():
