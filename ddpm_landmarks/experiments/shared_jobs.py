@@ -129,6 +129,8 @@ def config_key(cfg) -> str:
         data.pop("crops", None)        # whole images: likewise
     if not (data.get("refine") or {}).get("enabled"):
         data.pop("refine", None)       # one-stage fine-tuning: likewise
+    if isinstance(data.get("refine"), dict) and not data["refine"].get("share_radius"):
+        data["refine"].pop("share_radius", None)   # a patch per landmark: likewise
     if isinstance(data.get("model"), dict) and not data["model"].get("landmark_embedding"):
         data["model"].pop("landmark_embedding", None)
     data["train"] = {k: v for k, v in data["train"].items() if k != "resume"}

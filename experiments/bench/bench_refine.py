@@ -3,8 +3,8 @@ refinement (images/s, latency per image, peak RSS), and a refinement training st
 
     .venv/bin/python experiments/bench/bench_refine.py [--size 64] [--preset small]
         [--patch-size 32] [--grid 256] [--local-preset patch] [--iterations 1]
-        [--refined 19] [--batch 8] [--train-batch 32] [--repeats 10] [--threads N]
-        [--out PATH]
+        [--refined 19] [--share-radius 0] [--prior-weight 0] [--layout random|isbi]
+        [--batch 8] [--train-batch 32] [--repeats 10] [--threads N] [--out PATH]
 
 What is timed, per image, exactly as `evaluate` / `predict` run it (inference/two_stage.py):
 - stage 1: the stored image (a random 413 x 512 float image, the ISBI copies' size) warped
@@ -15,7 +15,13 @@ What is timed, per image, exactly as `evaluate` / `predict` run it (inference/tw
   stored image (one warp), all patches of the batch in one forward of the local network
   (`--local-preset`, `--patch-size`), decoding, the inverse patch matrix (decoders never
   abstain here: random weights have low peaks); `--refined` landmarks
-  (the per-landmark choice may refine fewer than 19), `--iterations` times.
+  (the per-landmark choice may refine fewer than 19), `--iterations` times, with patches
+  shared by landmarks within `--share-radius` patch pixels and the stage-1 prior at
+  `--prior-weight` (refine.share_radius / prior_weight). The first refinement is centred on
+  the sample's own landmarks (random weights decode meaningless points, and once patches are
+  shared, where they fall decides their number): `--layout random` = uniform over the image,
+  `isbi` = the mean ISBI 2015 training shape moved by N(0, 50 px) per image and N(0, 25 px)
+  per landmark (original pixels), so that the sharing is the anatomy's.
 Images/s at batch `--batch`, latency at batch 1 (medians over `--repeats` after a warm-up);
 the overhead is (two-stage - stage 1) / stage 1 of the per-image latency and of the throughput.
 Training: one optimiser step of the local network on `--train-batch` patches (forward, masked
@@ -49,7 +55,7 @@ from ddpm_landmarks.config.finetune import FinetuneConfig, RegressorConfig  # no
 from ddpm_landmarks.data.patches import PatchDataset  # noqa: E402
 from ddpm_landmarks.data.sample import LandmarkDataset, LandmarkSample, Record  # noqa: E402
 from ddpm_landmarks.data.transforms import LandmarkTransform, map_to_original  # noqa: E402
-from ddpm_landmarks.heatmaps.decoders import never_abstain  # noqa: E402
+from ddpm_landmarks.heatmaps.decoders import decode, never_abstain  # noqa: E402
 from ddpm_landmarks.heatmaps.losses import heatmap_loss  # noqa: E402
 from ddpm_landmarks.inference.predictor import HeatmapPredictor  # noqa: E402
 from ddpm_landmarks.inference.two_stage import (  # noqa: E402
@@ -64,12 +70,21 @@ from ddpm_landmarks.models.regressor import param_groups  # noqa: E402
 K = 19
 ORIGINAL, STORED = (1935, 2400), (413, 512)
 HERE = Path(__file__).resolve().parent
+# Mean of the 150 ISBI 2015 training annotations (mean of the two doctors), original pixels.
+ISBI_MEAN_SHAPE = np.array([
+    [807, 1038], [1390, 969], [1278, 1219], [600, 1212], [1384, 1513], [1357, 1851],
+    [1352, 1980], [1292, 2041], [1334, 2021], [733, 1735], [1420, 1689], [1437, 1701],
+    [1556, 1609], [1533, 1810], [1497, 1490], [1445, 2012], [974, 1428], [1401, 1445],
+    [670, 1327]], dtype=np.float64)
 
 
-def fake_sample(seed: int) -> LandmarkSample:
+def fake_sample(seed: int, layout: str = "random") -> LandmarkSample:
     rng = np.random.default_rng(seed)
     image = rng.uniform(0, 1, (STORED[1], STORED[0])).astype(np.float32)
-    points = rng.uniform([200, 200], [1700, 2200], (K, 2))
+    if layout == "isbi":
+        points = ISBI_MEAN_SHAPE + rng.normal(0, 50, 2) + rng.normal(0, 25, (K, 2))
+    else:
+        points = rng.uniform([200, 200], [1700, 2200], (K, 2))
     return LandmarkSample(f"img{seed}", image, points, (0.1, 0.1), ORIGINAL)
 
 
@@ -77,7 +92,9 @@ def make_cfg(a: dict) -> FinetuneConfig:
     cfg = FinetuneConfig()
     cfg.data = dataclasses.replace(cfg.data, image_size=a["size"])
     cfg.refine = dataclasses.replace(cfg.refine, enabled=True, patch_size=a["patch_size"],
-                                     grid=a["grid"], iterations=a["iterations"])
+                                     grid=a["grid"], iterations=a["iterations"],
+                                     share_radius=a["share_radius"],
+                                     prior_weight=a["prior_weight"])
     cfg.heatmap = dataclasses.replace(cfg.heatmap, sigma=1.5)
     # Random weights give peaks below any threshold: decode every channel, so that every
     # landmark is refined as it would be with trained weights.
@@ -103,16 +120,24 @@ def predictor(a: dict, two_stage: bool):
 def infer(a: dict, two_stage: bool) -> dict:
     pred, cfg = predictor(a, two_stage)
     transform = LandmarkTransform(DataConfig(image_size=a["size"]), AugmentConfig())
-    samples = [fake_sample(i) for i in range(a["batch"])]
+    samples = [fake_sample(i, a["layout"]) for i in range(a["batch"])]
+    patches = []
 
     def run(batch: list) -> None:
         inputs = [model_input(s, transform) for s in batch]      # warp onto the model grid
         images = torch.stack([x for x, _ in inputs])
+        sources = [src for _, src in inputs]
         if two_stage:
-            pred.predict(images, [src for _, src in inputs])
+            # TwoStagePredictor.predict, with the first patches around the samples' landmarks.
+            maps = pred.stage1.heatmaps(images)
+            points, peak = decode(maps, pred.stage1.decoder_cfg)
+            [map_to_original(q, src.model_to_original) for q, src in zip(points, sources)]
+            out = pred.refiner.refine(maps.numpy(), np.stack([s.landmarks for s in batch]),
+                                      peak, sources)
+            patches.extend(out.patches.tolist())
         else:
             points, _ = pred(images)
-            [map_to_original(q, src.model_to_original) for q, (_, src) in zip(points, inputs)]
+            [map_to_original(q, src.model_to_original) for q, src in zip(points, sources)]
 
     out = {}
     for name, batch in (("batch", samples), ("single", samples[:1])):
@@ -123,6 +148,7 @@ def infer(a: dict, two_stage: bool) -> dict:
             if i:
                 times.append(time.perf_counter() - t0)
         out[name] = statistics.median(times) / len(batch)
+    out["patches_per_image"] = float(np.mean(patches)) if patches else 0.0
     return out
 
 
@@ -133,7 +159,9 @@ def train(a: dict) -> dict:
     images = {f"img{i}": fake_sample(i).image for i in range(4)}
     data = PatchDataset(LandmarkDataset("bench", records, K, image_loader=lambda p: images[str(p)]),
                         dataclasses.replace(cfg.augment, flip_prob=0.0), cfg.heatmap,
-                        a["patch_size"], a["grid"], np.full((4, K, 2), 10.0), seed=0)
+                        a["patch_size"], a["grid"], np.full((4, K, 2), 10.0),
+                        "visible" if a["share_radius"] else "own", seed=0,
+                        share_radius=a["share_radius"])
     torch.manual_seed(0)
     model = build_regressor(RegressorConfig(init="scratch", preset=a["local_preset"]), K,
                             a["patch_size"]).train()
@@ -186,7 +214,9 @@ def report(a: dict, r: dict, wall: float) -> str:
         f"{torch.__version__}; `{shlex.join(sys.argv)}`",
         f"- stage 1: `{a['preset']}` U-Net at {a['size']} px, 19 landmarks; stage 2: "
         f"`{a['local_preset']}` U-Net on {a['patch_size']} px patches at grid {a['grid']}, "
-        f"{a['refined']} landmarks refined {a['iterations']}x per image",
+        f"{a['refined']} landmarks refined {a['iterations']}x per image, share radius "
+        f"{a['share_radius']:g} patch px, prior weight {a['prior_weight']:g}, layout "
+        f"`{a['layout']}`: **{s2['patches_per_image']:.1f} patches per image**",
         f"- 1-min load average at the end of each worker: {loads} (the machine is shared); "
         f"wall {wall:.0f} s", "",
         "| pipeline | images/s (batch %d) | ms / image (batch %d) | latency / image (batch 1) | "
@@ -215,6 +245,9 @@ def main() -> None:
     p.add_argument("--local-preset", default="patch")
     p.add_argument("--iterations", type=int, default=1)
     p.add_argument("--refined", type=int, default=K)
+    p.add_argument("--share-radius", type=float, default=0.0)
+    p.add_argument("--prior-weight", type=float, default=0.0)
+    p.add_argument("--layout", choices=("random", "isbi"), default="random")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--train-batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=10)

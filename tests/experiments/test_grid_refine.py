@@ -152,3 +152,27 @@ def test_dry_run_counts_the_refinement_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| refine | synthetic-scratch-N8-s0:refine | 6 |" in out
     assert "16 px patches, patch" in out
+
+
+def test_refinement_key_is_unchanged_by_the_share_radius_field(tmp_path):
+    """A refinement without shared patches keeps the key it had before refine.share_radius
+    existed (its finished runs are found again); shared patches are another run."""
+    import hashlib
+
+    from ddpm_landmarks.config.schema import to_dict
+    from ddpm_landmarks.experiments.shared_jobs import config_key
+
+    def plan_of(*overrides):
+        path = experiment(tmp_path, tmp_path / "syn", refine_overrides=overrides)
+        return {c.init: c.refine for c in build_plan(load_grid(path)).cells}["scratch"]
+
+    plain = plan_of()
+    data = to_dict(plain.config)
+    data.pop("run"), data.pop("logger")
+    data["refine"].pop("share_radius")
+    data["model"].pop("landmark_embedding")
+    data["train"].pop("resume")
+    old = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+    assert config_key(plain.config) == plain.key == old
+    shared = plan_of("refine.supervise=visible", "refine.share_radius=4")
+    assert shared.key != plain.key and shared.run_dir != plain.run_dir
