@@ -12,7 +12,8 @@ against the stage-1 run's split files), and its data grid stage 1's. Steps:
   2. the local network (model.*: any arch / init of fine-tuning, built for refine.patch_size)
      is trained by the shared engine as a HeatmapRegressionMethod on PatchDataset items (one
      per labelled image and landmark; only the patch's landmark supervised, or every visible
-     one); validation = the final MRE of both stages on the validation images (every landmark
+     one; with refine.share_radius the centre also moves within it, as a shared patch's
+     would at inference); validation = the final MRE of both stages on the validation images (every landmark
      refined refine.iterations times), which picks best/;
   3. with best/ (else export/), every landmark is refined up to refine.iterations times on the
      validation images and the number of refinements with the lowest mean error is kept per

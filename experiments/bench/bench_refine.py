@@ -2,8 +2,8 @@
 refinement (images/s, latency per image, peak RSS), and a refinement training step.
 
     .venv/bin/python experiments/bench/bench_refine.py [--size 64] [--preset small]
-        [--patch-size 32] [--grid 256] [--local-preset patch] [--iterations 1]
-        [--refined 19] [--share-radius 0] [--prior-weight 0] [--layout random|isbi]
+        [--patch-size 32] [--grid 256] [--local-preset patch_lite] [--iterations 1]
+        [--refined 19] [--share-radius 8] [--prior-weight 1] [--layout isbi|random]
         [--batch 8] [--train-batch 32] [--repeats 10] [--threads N] [--out PATH]
 
 What is timed, per image, exactly as `evaluate` / `predict` run it (inference/two_stage.py):
@@ -27,7 +27,9 @@ the overhead is (two-stage - stage 1) / stage 1 of the per-image latency and of 
 Training: one optimiser step of the local network on `--train-batch` patches (forward, masked
 heatmap MSE, backward, AdamW), and the time to make those items (PatchDataset: cut, jitter,
 augment, targets). Every configuration runs in a fresh subprocess (peak RSS = ru_maxrss).
-The report is printed and written to results_refine_cpu.md next to this script.
+The defaults are configs/finetune/isbi2015_refine.yaml's pipeline (the study's) with every
+landmark refined. The report is printed and appended to results_refine_cpu.md next to this
+script (--out: another file).
 """
 from __future__ import annotations
 
@@ -242,12 +244,12 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--patch-size", type=int, default=32)
     p.add_argument("--grid", type=int, default=256)
-    p.add_argument("--local-preset", default="patch")
+    p.add_argument("--local-preset", default="patch_lite")
     p.add_argument("--iterations", type=int, default=1)
     p.add_argument("--refined", type=int, default=K)
-    p.add_argument("--share-radius", type=float, default=0.0)
-    p.add_argument("--prior-weight", type=float, default=0.0)
-    p.add_argument("--layout", choices=("random", "isbi"), default="random")
+    p.add_argument("--share-radius", type=float, default=8.0)
+    p.add_argument("--prior-weight", type=float, default=1.0)
+    p.add_argument("--layout", choices=("random", "isbi"), default="isbi")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--train-batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=10)
@@ -270,7 +272,9 @@ def main() -> None:
     print(text)
     if args.out:
         from ddpm_landmarks.utils.atomic import atomic_write_text
-        atomic_write_text(Path(args.out), text)
+        out = Path(args.out)
+        before = out.read_text() + "\n" if out.is_file() else ""
+        atomic_write_text(out, before + text)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ and the run folders of the first part are gone with its machine; each part's rep
     .venv/bin/python experiments/results/label-efficiency/combine.py
 
 reads PART/cells.csv and PART/compare_ddpm_vs_scratch.csv of every PART below and writes,
-next to this script, cells.csv, summary.md / summary.csv, compare_ddpm_vs_scratch.csv and
-label_efficiency.png for all budgets, with the same functions as `ddpm-landmarks report`
-(experiments/report.py). No number is recomputed from images: each cell's metrics are those its
-part reported.
+into per-landmark-patches/ (the refinement of those parts: a patch per landmark), cells.csv,
+summary.md / summary.csv, compare_ddpm_vs_scratch.csv and label_efficiency.png for all
+budgets, with the same functions as `ddpm-landmarks report` (experiments/report.py). No number
+is recomputed from images: each cell's metrics are those its part reported.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from ddpm_landmarks.experiments.report import (
 from ddpm_landmarks.utils.atomic import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
+OUT = HERE / "per-landmark-patches"     # the study's first refinement: a patch per landmark
 PARTS = ["N10-N50", "N5-N25"]
 METRICS = ("mre", "sd", "median")
 
@@ -71,14 +72,14 @@ def main() -> None:
     cells = [cell_of_row(r) for r in rows]
     thresholds = sorted({t for c in cells for t in c["metrics"]["thresholds"]})
     groups = summarize_groups(cells, thresholds)
-    atomic_write_text(HERE / "cells.csv", csv_text(rows))
-    atomic_write_text(HERE / "compare_ddpm_vs_scratch.csv", csv_text(compare))
-    atomic_write_text(HERE / "summary.csv", csv_text(groups))
-    atomic_write_text(HERE / "summary.md",
+    atomic_write_text(OUT / "cells.csv", csv_text(rows))
+    atomic_write_text(OUT / "compare_ddpm_vs_scratch.csv", csv_text(compare))
+    atomic_write_text(OUT / "summary.csv", csv_text(groups))
+    atomic_write_text(OUT / "summary.md",
                       summary_markdown(groups, thresholds, "label-efficiency (all parts)") +
                       refinement_markdown(groups, thresholds))
-    plot_label_efficiency(groups, HERE / "label_efficiency.png")
-    print(f"{len(rows)} cell rows from {', '.join(PARTS)} -> {HERE}")
+    plot_label_efficiency(groups, OUT / "label_efficiency.png")
+    print(f"{len(rows)} cell rows from {', '.join(PARTS)} -> {OUT}")
 
 
 if __name__ == "__main__":
