@@ -24,7 +24,7 @@ With refine.share_radius r > 0, landmarks of one image whose current points lie 
 patch pixels of a common centre share one patch (shared_patches: a greedy cover by discs
 centred on a point or the midpoint of two), and each reads its own channel of it: fewer
 forwards where landmarks cluster (a run trained with refine.supervise=visible, whose channels
-know their landmark anywhere on a patch). The patch pixel count per image is in
+know their landmark anywhere on a patch). The number of patches per image is
 TwoStageOutput.patches.
 
 Which landmarks are refined, and how often, is per landmark (RefineSettings.iterations: 0 =
@@ -126,7 +126,7 @@ class PatchRefiner:
         self.conditioned = getattr(getattr(model, "cfg", None), "landmark_embedding", 0) > 0
         self.size, self.grid = int(cfg.refine.patch_size), int(cfg.refine.grid)
         self.prior_weight = float(cfg.refine.prior_weight)
-        self.share_radius = float(getattr(cfg.refine, "share_radius", 0.0))
+        self.share_radius = float(cfg.refine.share_radius)
         # Radius of the local peak the prior chooses: 2 sigma of the local targets.
         self.window = 2.0 * (cfg.heatmap.sigma if cfg.heatmap.kind == "gaussian"
                              else cfg.heatmap.disc_radius)
