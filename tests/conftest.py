@@ -40,3 +40,13 @@ def fresh_accelerate():
     reset_accelerate_state()
     yield
     reset_accelerate_state()
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers, one per core) each worker keeps to one
+    intra-op thread: two workers of two OpenMP threads each on two cores spin against each
+    other."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+        torch.set_num_threads(1)

@@ -242,7 +242,7 @@ def test_isbi_64px_20_labels_beats_mean_shape(shared_data, tmp_path):
     overrides = {"data.dataset": "isbi2015", "data.root": shared_data / "isbi2015",
                  "data.image_size": 64, "augment.flip_prob": 0.0, "heatmap.sigma": 1.5,
                  "fewshot.budget": 20, "fewshot.val_policy": "none", "eval.sdr_thresholds":
-                 "[2.0, 2.5, 3.0, 4.0]", "train.max_steps": 150, "train.eval_every": 0,
+                 "[2.0, 2.5, 3.0, 4.0]", "train.max_steps": 100, "train.eval_every": 0,
                  "train.checkpoint_every": 0, "train.batch_size": 8, "train.log_every": 20,
                  "optim.lr": 2e-3, "optim.head_lr": 2e-3, "optim.warmup_steps": 20}
     cfg = load_config(FINETUNE, as_overrides({
