@@ -9,12 +9,8 @@ Presets (`python -m ddpm_landmarks.models.unet` prints their parameter counts):
   patch   64 px the refinement stage's local network on landmark patches (data/patches.py):
                 3 levels of widths 16 / 32 / 64, attention at 16x16; cheap enough to run on
                 19 patches per image. patch_lite: widths 8 / 16 / 32, attention only in the
-                middle block (8x8). patch_micro: 4 levels of widths 8 / 8 / 16 / 32, no attention
-                at all: as many parameters as patch_lite and a wider view (4x4 at the bottom of
-                a 32 px patch) for less CPU time, because the time goes where the grid is large
-                and the upsampling conv onto the 32 px level is 8 channels wide, not 16. (Widths
-                4 / 8 / 16 / 32 were half the time but could not learn: a 4-channel last level
-                feeds the 19 heatmaps; refined Test1 MRE went up, e.g. 2.70 -> 2.83 mm.)
+                middle block (8x8 on a 32 px patch). Cheaper local networks were tried and lost
+                accuracy (experiments/bench/results_refine_cpu.md, last section).
   base   256 px the classic Ho et al. (2020) / "denoising-diffusion-pytorch" layout at 256 px:
                 base width 64, multipliers (1, 1, 2, 2, 4, 4), 2 res blocks per level, attention
                 at 16x16 (and in the middle block, at 8x8), dropout 0, GroupNorm 32.
@@ -105,15 +101,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "block_out_channels": (8, 16, 32),
         "layers_per_block": 1,
         **_blocks(3, set()),
-        "norm_num_groups": 8,
-        "attention_head_dim": 8,
-    },
-    "patch_micro": {                            # the refinement's local network (isbi2015_refine)
-        "resolution": 32,
-        "block_out_channels": (8, 8, 16, 32),
-        "layers_per_block": 1,
-        **_blocks(4, set()),
-        "add_attention": False,                 # no attention in the middle block either
         "norm_num_groups": 8,
         "attention_head_dim": 8,
     },

@@ -40,10 +40,9 @@ def test_tiny_and_small_forward_shapes():
 
 def test_presets_have_attention_and_paper_settings():
     for name, preset in PRESETS.items():
-        # The refinement stage's cheap local networks have no attention in their levels on
-        # purpose (patch_micro none in the middle block either).
-        cheap = name in ("patch_lite", "patch_micro")
-        assert any("Attn" in t for t in preset["down_block_types"]) == (not cheap), name
+        # patch_lite, the refinement stage's cheap local network, has no attention in its
+        # levels on purpose (only in the middle block).
+        assert any("Attn" in t for t in preset["down_block_types"]) == (name != "patch_lite"), name
         assert len(preset["down_block_types"]) == len(preset["block_out_channels"])
     paper = _meta_build("paper").config
     assert paper.norm_num_groups == 4
@@ -62,7 +61,7 @@ def test_sample_size_precedence():
 
 
 def test_unknown_preset_lists_valid_ones():
-    with pytest.raises(ValueError, match="unknown model preset 'huge'.*tiny, small, patch, patch_lite, patch_micro, base, paper"):
+    with pytest.raises(ValueError, match="unknown model preset 'huge'.*tiny, small, patch, patch_lite, base, paper"):
         build_unet(ModelConfig(preset="huge"))
 
 
