@@ -108,7 +108,8 @@ def variant_rows(label: str, bases: dict[int, Path], out_dir: Path, prefix: str)
 def ddpm_vs_scratch() -> list[str]:
     ddpm, scratch = stage1_dirs(GRID_128, "ddpm"), stage1_dirs(GRID_128, "scratch")
     stages = {
-        "stage 1": lambda init, s, cell: refinement(cell, 500) / "eval_test1" / "stage1",
+        "stage 1": lambda init, s, cell: (refinement(cell, 500) or refinement(cell, 2000))
+        / "eval_test1" / "stage1",
         "refined, 500 steps": lambda init, s, cell: refinement(cell, 500) / "eval_test1",
         "refined, 2000 steps": lambda init, s, cell: (
             refinement(cell, 2000) / "eval_test1" if init == "ddpm"
