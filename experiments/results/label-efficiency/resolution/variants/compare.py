@@ -11,9 +11,10 @@ per-landmark choice of iterations, the number the refinement itself was selected
 (optimistic by the same amount for variants with the same number of choices; `iter2` chooses
 among three, so it is more optimistic).
 
-Table 2, DDPM - scratch at 128 px on the same draws: stage 1 alone, and refined with 500 or
-2000 steps. DDPM's refinements are its grid cells' (experiments/label-efficiency-128.yaml);
-scratch's 2000-step refinements are run.sh's (runs/variants128), the same settings.
+Table 2, DDPM - scratch on the same draws, stage 1 at 64 px (the study's cells) and at 128 px:
+stage 1 alone, and refined with 500 or 2000 steps. The 2000-step refinements are run.sh's
+(runs/variants64, runs/variants128), except DDPM's at 128 px: its grid cells'
+(experiments/label-efficiency-128.yaml, the same settings).
 
 Per seed: the mean difference with a bootstrap 95 % interval over the 150 images and the
 Wilcoxon p; over seeds, the t interval (seeds - 1 degrees of freedom). Writes results.md.
@@ -105,15 +106,26 @@ def variant_rows(label: str, bases: dict[int, Path], out_dir: Path, prefix: str)
     return rows
 
 
-def ddpm_vs_scratch() -> list[str]:
-    ddpm, scratch = stage1_dirs(GRID_128, "ddpm"), stage1_dirs(GRID_128, "scratch")
+def ddpm_vs_scratch(size: int) -> list[str]:
+    """Rows of table 2 at one stage-1 size: DDPM - scratch per stage, paired on the same draws."""
+    cells = GRID_128 if size == 128 else GRID_64
+    ddpm, scratch = stage1_dirs(cells, "ddpm"), stage1_dirs(cells, "scratch")
+
+    def long_refinement(init: str, seed: int, cell: Path) -> Optional[Path]:
+        if size == 128 and init == "ddpm":          # the grid ran it
+            found = refinement(cell, 2000)
+            return found / "eval_test1" if found else None
+        prefix = "" if size == 128 else f"{init}-"
+        return Path(f"runs/variants{size}/steps2000-{prefix}s{seed}/eval_test1")
+
+    def first(*found: Optional[Path]) -> Optional[Path]:
+        return next((f for f in found if f is not None), None)
+
     stages = {
-        "stage 1": lambda init, s, cell: (refinement(cell, 500) or refinement(cell, 2000))
-        / "eval_test1" / "stage1",
+        "stage 1": lambda init, s, cell: (first(refinement(cell, 500), refinement(cell, 2000))
+                                          / "eval_test1" / "stage1"),
         "refined, 500 steps": lambda init, s, cell: refinement(cell, 500) / "eval_test1",
-        "refined, 2000 steps": lambda init, s, cell: (
-            refinement(cell, 2000) / "eval_test1" if init == "ddpm"
-            else Path(f"runs/variants128/steps2000-s{s}/eval_test1")),
+        "refined, 2000 steps": long_refinement,
     }
     rows = []
     for stage, where in stages.items():
@@ -123,7 +135,8 @@ def ddpm_vs_scratch() -> list[str]:
                 a, b = where("ddpm", s, ddpm[s]), where("scratch", s, scratch[s])
             except TypeError:               # a refinement not run (yet)
                 continue
-            if not ((a / "predictions.csv").is_file() and (b / "predictions.csv").is_file()):
+            if a is None or b is None or not ((a / "predictions.csv").is_file()
+                                              and (b / "predictions.csv").is_file()):
                 continue
             stats = compare_pair(per_image_errors(a), per_image_errors(b))
             per_seed.append((s, stats, sdr2(a), sdr2(b)))
@@ -132,8 +145,8 @@ def ddpm_vs_scratch() -> list[str]:
         mre, sdr, over, seeds = summary([(s, st, x) for s, st, x, _ in per_seed])
         scratch_mre = np.mean([st["second_mre"] for _, st, _, _ in per_seed])
         scratch_sdr = np.mean([y for _, _, _, y in per_seed])
-        rows.append(f"| {stage} | {len(per_seed)} | {mre} / {scratch_mre:.3f} | {sdr} / {scratch_sdr:.1f} % "
-                    f"| {over} | {seeds} |")
+        rows.append(f"| {size} px | {stage} | {len(per_seed)} | {mre} / {scratch_mre:.3f} | "
+                    f"{sdr} / {scratch_sdr:.1f} % | {over} | {seeds} |")
     return rows
 
 
@@ -145,11 +158,11 @@ def main() -> None:
     lines += variant_rows("scratch, 128 px", stage1_dirs(GRID_128, "scratch"), Path("runs/variants128"), "")
     for init in ("scratch", "ddpm", "ddpm_long"):
         lines += variant_rows(f"{init}, 64 px", stage1_dirs(GRID_64, init), Path("runs/variants64"), f"{init}-")
-    lines += ["", "## DDPM - scratch at 128 px (same draws)", "",
-              "| points | seeds | Test1 MRE, DDPM / scratch | SDR 2 mm, DDPM / scratch | DDPM - scratch "
+    lines += ["", "## DDPM - scratch (same draws)", "",
+              "| stage 1 size | points | seeds | Test1 MRE, DDPM / scratch | SDR 2 mm, DDPM / scratch | DDPM - scratch "
               "over seeds [95 % t] | per seed: difference [bootstrap 95 %], Wilcoxon p |",
-              "|---|---|---|---|---|---|"]
-    lines += ddpm_vs_scratch()
+              "|---|---|---|---|---|---|---|"]
+    lines += ddpm_vs_scratch(64) + ddpm_vs_scratch(128)
     atomic_write_text(HERE / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
