@@ -20,8 +20,9 @@ own for `predict`). Refinement of landmark k (iteration i = 1 .. iterations[k]):
   3. the decoded point is mapped back with the patch's exact inverse. No usable peak, or a
      point farther than the displacement limit from stage 1's, keeps the previous point.
 All patches of a batch go through the local network in one forward (chunks of `chunk`,
-256: a batch of 8 images has 60-80 shared patches, and a small remainder chunk costs more
-per patch: `patch_lite` on 2 CPU threads, 1.7 ms per patch at 11, 1.0 at 64-128).
+256: a batch of 8 images has 110-135 shared patches at grid 512, and a small remainder costs more
+per patch: on 2 CPU threads `patch_fold` takes 0.83 ms per patch at 12, 0.38 at 96;
+`patch_lite` 1.34 and 0.95).
 With refine.share_radius r > 0, landmarks of one image whose current points lie within r
 patch pixels of a common centre share one patch (shared_patches: a greedy cover by discs
 centred on a point or the midpoint of two), and each reads its own channel of it: fewer

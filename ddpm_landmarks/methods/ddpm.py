@@ -21,7 +21,7 @@ from torchvision.utils import make_grid
 from ddpm_landmarks.config.pretrain import DiffusionConfig, ModelConfig
 from ddpm_landmarks.methods.base import Method, this_process_slice
 from ddpm_landmarks.models.artifacts import FORMATS, weights_folder
-from ddpm_landmarks.models.unet import build_unet
+from ddpm_landmarks.models.unet import build_unet, denoise, fold_images, unet_fold
 from ddpm_landmarks.utils.atomic import atomic_directory
 from ddpm_landmarks.utils.modules import unwrap
 
@@ -105,7 +105,7 @@ def unet_decoder_features(model: torch.nn.Module, images: torch.Tensor,
     try:
         dtype = next(unet.parameters()).dtype
         t = torch.full((images.shape[0],), int(timestep), dtype=torch.long, device=images.device)
-        unet(images.to(dtype), t)
+        unet(fold_images(images.to(dtype), unet_fold(unet)), t)
     finally:
         for hook in hooks:
             hook.remove()
@@ -162,7 +162,7 @@ class DDPMMethod(Method):
             target = self.scheduler.get_velocity(x0, noise, t)
         else:
             target = x0
-        pred = model(x_t, t).sample
+        pred = denoise(model, x_t, t)
         snr = snr_of(self.scheduler.alphas_cumprod, t)
         loss = diffusion_loss(pred, target, snr, self.cfg.prediction_type, self.cfg.min_snr_gamma)
         # .item() syncs with the GPU once per micro-batch; cheap next to a U-Net step.
@@ -182,7 +182,7 @@ class DDPMMethod(Method):
         gen = torch.Generator("cpu").manual_seed(seed)
         x = torch.randn((num, 1, *size), generator=gen).to(device=device, dtype=dtype)
         for t in ddim.timesteps:
-            out = model(x, t).sample
+            out = denoise(model, x, t)
             x = ddim.step(out, t, x, eta=0.0).prev_sample
         return x.clamp(-1.0 if self.cfg.image_range == "signed" else 0.0, 1.0)
 
@@ -205,7 +205,7 @@ class DDPMMethod(Method):
                                dtype=torch.long, device=x0.device)
                 noise = torch.randn(x0.shape, generator=gen).to(x0)
                 x_t = self.scheduler.add_noise(x0, noise, t)
-                pred = model(x_t, t).sample.float()
+                pred = denoise(model, x_t, t).float()
                 x0_hat = predict_x0(pred, x_t.float(), alphas[t].view(-1, 1, 1, 1),
                                     self.cfg.prediction_type)
                 columns += [x_t, x0_hat]

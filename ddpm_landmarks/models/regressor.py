@@ -64,7 +64,7 @@ from torch import nn
 from ddpm_landmarks.config.finetune import RegressorConfig
 from ddpm_landmarks.config.pretrain import ModelConfig
 from ddpm_landmarks.models.artifacts import FORMATS, ArtifactError, read_meta
-from ddpm_landmarks.models.unet import build_unet
+from ddpm_landmarks.models.unet import build_unet, denoise, unet_fold
 from ddpm_landmarks.utils.modules import unwrap
 
 HEAD_INIT_STD = 1e-3
@@ -96,8 +96,11 @@ class HeatmapRegressor(nn.Module):
                  alphas_cumprod: Optional[torch.Tensor] = None):
         super().__init__()
         c = unet.config
-        if c.in_channels != 1:
-            raise ValueError(f"the regressor needs a 1-channel U-Net, got in_channels={c.in_channels}")
+        if c.in_channels != c.out_channels:
+            raise ValueError(f"the regressor needs a U-Net of grayscale images (in_channels = "
+                             f"out_channels = 1, or f^2 when folded), got {c.in_channels} in, "
+                             f"{c.out_channels} out")
+        self.fold = unet_fold(unet)        # ValueError unless in_channels is a square
         if c.time_embedding_type != "positional" or c.class_embed_type is not None \
                 or (c.num_class_embeds or 0) != cfg.landmark_embedding:
             raise ValueError("the regressor supports positional time embedding, with class "
@@ -140,7 +143,9 @@ class HeatmapRegressor(nn.Module):
                     raise ValueError(f"cannot drop time conditioning from {type(m).__name__}")
 
         old = unet.conv_out
-        unet.conv_out = make_head(cfg.head, old.in_channels, num_landmarks, c.norm_num_groups)
+        # A folded U-Net predicts each landmark's f x f block: f^2 channels per landmark.
+        unet.conv_out = make_head(cfg.head, old.in_channels, num_landmarks * self.fold ** 2,
+                                  c.norm_num_groups)
         self.unet = unet
 
         if cfg.freeze == "unet":
@@ -178,7 +183,7 @@ class HeatmapRegressor(nn.Module):
             if self.training:
                 x = x + (1 - a).sqrt() * torch.randn_like(x)
             x = x.to(images.dtype)
-        return self.unet(x, t, class_labels=landmarks).sample
+        return denoise(self.unet, x, t, class_labels=landmarks)
 
 
 def param_groups(model: nn.Module, body_lr: float, head_lr: float,
@@ -234,12 +239,15 @@ def _levels_factor(unet_config: Any) -> int:
 def check_unet_size(unet: UNet2DModel, image_size: int) -> None:
     """ValueError unless image_size fits the U-Net's levels; a warning when it differs from the
     size the U-Net was pretrained at (fully convolutional: allowed)."""
-    factor = _levels_factor(unet.config)
+    fold = unet_fold(unet)
+    factor = _levels_factor(unet.config) * fold
     if image_size <= 0 or image_size % factor:
         raise ValueError(f"image_size {image_size} must be a positive multiple of {factor} for "
-                         f"this U-Net ({factor.bit_length()} levels)")
-    if unet.config.sample_size != image_size:
-        warnings.warn(f"the U-Net was pretrained at {unet.config.sample_size} px and is fine-tuned "
+                         f"this U-Net ({_levels_factor(unet.config).bit_length()} levels"
+                         f"{f', {fold} x {fold}-folded' if fold > 1 else ''})")
+    pretrained = unet.config.sample_size * fold
+    if pretrained != image_size:
+        warnings.warn(f"the U-Net was pretrained at {pretrained} px and is fine-tuned "
                       f"at {image_size} px (fully convolutional: allowed)", stacklevel=3)
 
 
@@ -274,9 +282,8 @@ def build_ddpm_regressor(cfg: RegressorConfig, num_landmarks: int,
     elif cfg.init == "scratch":
         if path is not None:
             _check_scratch_architecture(path, cfg.preset)
-            config = dict(UNet2DModel.load_config(path))
-            config["sample_size"] = image_size
-            unet = UNet2DModel.from_config(config)
+            unet = UNet2DModel.from_config(dict(UNet2DModel.load_config(path)))
+            unet.register_to_config(sample_size=image_size // unet_fold(unet))
         else:
             unet = build_unet(ModelConfig(preset=cfg.preset), image_size=image_size)
     else:

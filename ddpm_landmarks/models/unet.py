@@ -1,6 +1,14 @@
 """The denoising U-Net: a `diffusers.UNet2DModel` (1 channel in, 1 out) built from named presets.
 
     model = build_unet(ModelConfig(preset="tiny"), image_size=64)
+    eps = denoise(model, x_t, t)              # (B, 1, H, W) -> (B, 1, H, W), any preset
+
+Folded presets (`fold` f > 1) run the U-Net on the image folded into f x f blocks
+(pixel_unshuffle: f^2 channels at 1/f the size) and unfold its f^2 outputs back
+(pixel_shuffle): every level costs 1/f^2 of the pixels while the input and the output keep
+the image's full resolution. The saved UNet2DModel then has in_channels = out_channels = f^2
+(the images are grayscale), which is how `unet_fold` reads f back from any saved U-Net; call
+the U-Net through `denoise` (or fold_images / unfold_images), never directly.
 
 Presets (`python -m ddpm_landmarks.models.unet` prints their parameter counts):
 
@@ -11,6 +19,10 @@ Presets (`python -m ddpm_landmarks.models.unet` prints their parameter counts):
                 19 patches per image. patch_lite: widths 8 / 16 / 32, attention only in the
                 middle block (8x8 on a 32 px patch). Cheaper local networks were tried and lost
                 accuracy (experiments/bench/results_refine_cpu.md, last section).
+  patch_fold 32 px the refinement's local network folded 2 x 2: widths 16 / 32 / 32 at 16 / 8 /
+                4 px, attention only in the middle block. About half the cost of patch_lite per
+                patch and more accurate on validation (experiments/results/label-efficiency/
+                speed/).
   base   256 px the classic Ho et al. (2020) / "denoising-diffusion-pytorch" layout at 256 px:
                 base width 64, multipliers (1, 1, 2, 2, 4, 4), 2 res blocks per level, attention
                 at 16x16 (and in the middle block, at 8x8), dropout 0, GroupNorm 32.
@@ -52,12 +64,15 @@ accumulation, 30k iterations, EMA 0.995, t drawn from [1, T).
 from __future__ import annotations
 
 import copy
-from typing import Any
+import math
+from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DModel
 
 from ddpm_landmarks.config.pretrain import ModelConfig
+from ddpm_landmarks.utils.modules import unwrap
 
 
 def _blocks(num_levels: int, attn_levels: set[int]) -> dict[str, Any]:
@@ -104,6 +119,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "norm_num_groups": 8,
         "attention_head_dim": 8,
     },
+    "patch_fold": {                             # patch_lite's blocks on 2 x 2-folded patches
+        "resolution": 32,
+        "fold": 2,
+        "block_out_channels": (16, 32, 32),
+        "layers_per_block": 1,
+        **_blocks(3, set()),
+        "norm_num_groups": 8,
+        "attention_head_dim": 8,
+    },
     "base": {
         "resolution": 256,
         "block_out_channels": (64, 64, 128, 128, 256, 256),
@@ -131,23 +155,60 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def build_unet(cfg: ModelConfig, image_size: int | None = None) -> UNet2DModel:
-    """UNet2DModel for `cfg.preset`; sample size: cfg.sample_size, else image_size, else preset."""
+    """UNet2DModel for `cfg.preset`; image size: cfg.sample_size, else image_size, else preset
+    (the U-Net's own sample_size is that over the preset's fold)."""
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown model preset {cfg.preset!r}; "
                          f"valid presets: {', '.join(PRESETS)}")
     kwargs = copy.deepcopy(PRESETS[cfg.preset])
     native = kwargs.pop("resolution")
+    fold = kwargs.pop("fold", 1)
     size = cfg.sample_size if cfg.sample_size is not None else (image_size or native)
     # Every level but the last halves the grid; odd sizes would break the skip concatenations.
     levels = len(kwargs["block_out_channels"])
-    factor = 2 ** (levels - 1)
+    factor = 2 ** (levels - 1) * fold
     if not isinstance(size, int) or size <= 0 or size % factor:
-        raise ValueError(f"model preset {cfg.preset!r} has {levels} levels: "
+        raise ValueError(f"model preset {cfg.preset!r} has {levels} levels"
+                         f"{f' on {fold} x {fold}-folded images' if fold > 1 else ''}: "
                          f"the image size must be a positive multiple of {factor}, got {size!r}")
-    model = UNet2DModel(sample_size=size, in_channels=1, out_channels=1, **kwargs)
+    model = UNet2DModel(sample_size=size // fold, in_channels=fold ** 2,
+                        out_channels=fold ** 2, **kwargs)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
+
+
+def unet_fold(unet: UNet2DModel) -> int:
+    """The fold f of a U-Net of grayscale images: in_channels = f^2 (1: not folded)."""
+    c = unet.config
+    fold = math.isqrt(int(c.in_channels))
+    if fold < 1 or fold ** 2 != c.in_channels:
+        raise ValueError(f"a U-Net of grayscale images has f^2 input channels (f x f-folded), "
+                         f"got in_channels={c.in_channels}")
+    return fold
+
+
+def fold_images(x: torch.Tensor, fold: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C f^2, H / f, W / f): each f x f block becomes f^2 channels."""
+    if fold == 1:
+        return x
+    if x.shape[-1] % fold or x.shape[-2] % fold:
+        raise ValueError(f"a {fold} x {fold}-folded U-Net needs image sides divisible by {fold}, "
+                         f"got {tuple(x.shape[-2:])}")
+    return F.pixel_unshuffle(x, fold)
+
+
+def unfold_images(y: torch.Tensor, fold: int) -> torch.Tensor:
+    """The inverse of fold_images: (B, C f^2, h, w) -> (B, C, h f, w f)."""
+    return y if fold == 1 else F.pixel_shuffle(y, fold)
+
+
+def denoise(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+            class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The U-Net's output (.sample) for images x at time steps t, folded and unfolded as the
+    U-Net's fold says (a DDP- or compile-wrapped model is read through its wrapper)."""
+    fold = unet_fold(unwrap(model))
+    return unfold_images(model(fold_images(x, fold), t, class_labels=class_labels).sample, fold)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -161,7 +222,7 @@ def main() -> None:
     for name, preset in PRESETS.items():
         with torch.device("meta"):
             model = build_unet(ModelConfig(preset=name))
-        res = preset["resolution"]
+        res = preset["resolution"] // preset.get("fold", 1)     # the first level's grid
         attn = [f"{res // 2 ** i}px"
                 for i, t in enumerate(preset["down_block_types"]) if "Attn" in t]
         if preset.get("add_attention", True):

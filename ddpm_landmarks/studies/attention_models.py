@@ -95,6 +95,7 @@ def _load_regressor(folder: Path, device: torch.device) -> AnalysedModel:
 
 def _load_ddpm(folder: Path, device: torch.device) -> AnalysedModel:
     from ddpm_landmarks.methods.ddpm import EXPORT, load_exported
+    from ddpm_landmarks.models.unet import fold_images, unet_fold
     unet, _, config = load_exported(folder)
     unet = _frozen(unet, device)
     if config.get("data"):
@@ -109,7 +110,7 @@ def _load_ddpm(folder: Path, device: torch.device) -> AnalysedModel:
             lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out))
         try:
             t = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
-            unet(images, t)
+            unet(fold_images(images, unet_fold(unet)), t)
         finally:
             hook.remove()
         return captured[0].float().mean(dim=(2, 3)).norm(dim=1)

@@ -2,7 +2,7 @@
 refinement (images/s, latency per image, peak RSS), and a refinement training step.
 
     .venv/bin/python experiments/bench/bench_refine.py [--size 64] [--preset small]
-        [--patch-size 32] [--grid 256] [--local-preset patch_lite] [--iterations 1]
+        [--patch-size 32] [--grid 512] [--local-preset patch_fold] [--iterations 1]
         [--refined 19] [--share-radius 8] [--prior-weight 1] [--layout isbi|random]
         [--refine-json RUN/refine.json] [--batch 8] [--train-batch 32] [--repeats 10]
         [--threads N] [--out PATH]
@@ -30,8 +30,9 @@ worker, alternating with the two stages (a shared machine's load drifts between 
 Training: one optimiser step of the local network on `--train-batch` patches (forward, masked
 heatmap MSE, backward, AdamW), and the time to make those items (PatchDataset: cut, jitter,
 augment, targets). Every configuration runs in a fresh subprocess (peak RSS = ru_maxrss).
-The defaults are configs/finetune/isbi2015_refine.yaml's pipeline (the study's) with every
-landmark refined. The report is printed and appended to results_refine_cpu.md next to this
+The defaults are configs/finetune/isbi2015_refine.yaml's pipeline (grid 512, `patch_fold`)
+with every landmark refined; the study's was `--grid 256 --local-preset patch_lite`. A trained
+run's `--refine-json` refines what it chose (2000-step runs: 16-19 of the 19 landmarks). The report is printed and appended to results_refine_cpu.md next to this
 script (--out: another file).
 """
 from __future__ import annotations
@@ -259,8 +260,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--preset", default="small")
     p.add_argument("--patch-size", type=int, default=32)
-    p.add_argument("--grid", type=int, default=256)
-    p.add_argument("--local-preset", default="patch_lite")
+    p.add_argument("--grid", type=int, default=512)
+    p.add_argument("--local-preset", default="patch_fold")
     p.add_argument("--iterations", type=int, default=1)
     p.add_argument("--refined", type=int, default=K)
     p.add_argument("--share-radius", type=float, default=8.0)

@@ -193,8 +193,9 @@ def test_export_overwrites_atomically(tmp_path):
 
 class _Recorder(torch.nn.Module):
     """Stands in for the U-Net: records what the loss feeds it, predicts zero noise."""
+    config = type("Config", (), {"in_channels": 1})()       # grayscale, not folded
 
-    def forward(self, x_t, t):
+    def forward(self, x_t, t, class_labels=None):
         self.x_t, self.t = x_t.detach().clone(), t.detach().clone()
         return type("Out", (), {"sample": torch.zeros_like(x_t)})()
 

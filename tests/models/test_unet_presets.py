@@ -20,8 +20,9 @@ def test_every_preset_builds_at_its_resolution():
     counts = {}
     for name, preset in PRESETS.items():
         model = _meta_build(name)
-        assert model.config.sample_size == preset["resolution"]
-        assert model.config.in_channels == 1 and model.config.out_channels == 1
+        fold = preset.get("fold", 1)                 # folded presets: f^2 channels at 1/f size
+        assert model.config.sample_size * fold == preset["resolution"]
+        assert model.config.in_channels == model.config.out_channels == fold ** 2
         counts[name] = count_parameters(model)
         assert counts[name] > 0
     assert counts["tiny"] < counts["small"] < counts["base"]
@@ -40,9 +41,10 @@ def test_tiny_and_small_forward_shapes():
 
 def test_presets_have_attention_and_paper_settings():
     for name, preset in PRESETS.items():
-        # patch_lite, the refinement stage's cheap local network, has no attention in its
-        # levels on purpose (only in the middle block).
-        assert any("Attn" in t for t in preset["down_block_types"]) == (name != "patch_lite"), name
+        # patch_lite and patch_fold, the refinement stage's cheap local networks, have no
+        # attention in their levels on purpose (only in the middle block).
+        cheap = name in ("patch_lite", "patch_fold")
+        assert any("Attn" in t for t in preset["down_block_types"]) == (not cheap), name
         assert len(preset["down_block_types"]) == len(preset["block_out_channels"])
     paper = _meta_build("paper").config
     assert paper.norm_num_groups == 4
@@ -61,7 +63,7 @@ def test_sample_size_precedence():
 
 
 def test_unknown_preset_lists_valid_ones():
-    with pytest.raises(ValueError, match="unknown model preset 'huge'.*tiny, small, patch, patch_lite, base, paper"):
+    with pytest.raises(ValueError, match="unknown model preset 'huge'.*tiny, small, patch, patch_lite, patch_fold, base, paper"):
         build_unet(ModelConfig(preset="huge"))
 
 
