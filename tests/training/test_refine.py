@@ -248,3 +248,19 @@ def test_shared_patch_variant(two_stage, tmp_path):
     assert 1 <= metrics["refine_patches_per_image"] < 5               # 6 landmarks, 1 iteration
     assert summary["mre"] < 0.7 * summary["stage1"]["mre"], (summary["mre"],
                                                               summary["stage1"]["mre"])
+
+
+def test_folded_local_network_variant(two_stage, tmp_path):
+    """model.preset=patch_fold, the default local network (models/unet.py, the patch folded
+    2 x 2): it trains through the same engine, saves and loads with its fold, and clearly
+    lowers the coarse stage 1's error on full-resolution patches."""
+    root, _, stage1_dir, _ = two_stage
+    reset_accelerate_state()
+    finetune(load_config(FINETUNE, refine_overrides(
+        root, tmp_path, stage1_dir, **{"run.name": "folded", "model.preset": "patch_fold"}),
+        cls=FinetuneConfig))
+    run = load_trained_run(tmp_path / "folded", device="cpu")
+    assert run.refine.model.fold == 2 and run.refine.model.unet.config.in_channels == 4
+    summary = evaluate_run(run, "test1", tmp_path / "eval")
+    assert summary["mre"] < 0.7 * summary["stage1"]["mre"], (summary["mre"],
+                                                              summary["stage1"]["mre"])
