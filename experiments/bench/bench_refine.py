@@ -4,7 +4,7 @@ refinement (images/s, latency per image, peak RSS), and a refinement training st
     .venv/bin/python experiments/bench/bench_refine.py [--size 64] [--preset small]
         [--patch-size 32] [--grid 512] [--local-preset patch_fold] [--iterations 1]
         [--refined 19] [--share-radius 8] [--prior-weight 1] [--layout isbi|random]
-        [--refine-json RUN/refine.json] [--batch 8] [--train-batch 32] [--repeats 10]
+        [--refine-json RUN/refine.json] [--batch 8] [--train-batch 32] [--repeats 30]
         [--threads N] [--out PATH]
 
 What is timed, per image, exactly as `evaluate` / `predict` run it (inference/two_stage.py):
@@ -271,7 +271,7 @@ def main() -> None:
                    help="per-landmark iterations from a refinement run's refine.json")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--train-batch", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=30)   # batch-1 medians of 10 vary by ~10 points
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the training step")
     p.add_argument("--out", default=str(HERE / "results_refine_cpu.md"))
